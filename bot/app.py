@@ -1,0 +1,124 @@
+"""Wiring: Settings → Redis, stores, backends and the SupportService. Front doors call build()."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from bot.config import Settings
+from bot.conversation import HistoryStore
+from bot.llm.base import LLM
+from bot.llm.fallback import FallbackLLM
+from bot.ops.redis_server import RedisServer
+from bot.sampling import SettingsStore
+from bot.service import SupportService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    service: SupportService
+    redis: Redis
+    llm: FallbackLLM
+    embedded_redis: RedisServer | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.llm.aclose()
+        await self.redis.aclose()
+        if self.embedded_redis is not None:
+            self.embedded_redis.stop()
+
+
+def build_backends(settings: Settings) -> FallbackLLM:
+    """The primary (in-process model, or LLM_BASE_URL) and the GPT fallback, per the contract."""
+    primary: LLM | None = None
+    if settings.llm_base_url:
+        from bot.llm.openai_chat import OpenAIChatLLM
+
+        primary = OpenAIChatLLM(
+            model=settings.llm_model,
+            api_key=_secret(settings.llm_api_key),
+            base_url=settings.llm_base_url,
+            context_window=settings.llm_context_tokens or 32_768,
+            timeout_s=settings.llm_timeout_seconds,
+            max_retries=settings.openai_max_retries,
+            send_top_k=True,
+            label="server",
+        )
+    elif settings.local_model_enabled:
+        # Imported here so that `supportbot chat` with LLM_MODEL=none never imports torch.
+        from bot.llm.local import LocalLLM
+
+        primary = LocalLLM(
+            settings.llm_model,
+            device=settings.llm_device,
+            dtype=settings.llm_dtype,
+            trust_remote_code=settings.llm_trust_remote_code,
+            context_tokens=settings.llm_context_tokens,
+            first_token_timeout_s=settings.llm_timeout_seconds,
+        )
+    fallback: LLM | None = None
+    if settings.openai_api_key is not None:
+        from bot.llm.openai_chat import OpenAIChatLLM
+
+        fallback = OpenAIChatLLM(
+            model=settings.openai_model,
+            api_key=_secret(settings.openai_api_key),
+            base_url=settings.openai_base_url,
+            context_window=settings.openai_context_tokens,
+            timeout_s=settings.openai_timeout_seconds,
+            max_retries=settings.openai_max_retries,
+        )
+    return FallbackLLM(primary, fallback)
+
+
+async def build(settings: Settings, *, llm: FallbackLLM | None = None) -> Runtime:
+    """Connect Redis (starting the embedded server when REDIS_URL is unset) and load backends."""
+    embedded: RedisServer | None = None
+    if settings.redis_url is None:
+        embedded = RedisServer(settings.data_dir).start()
+        url = embedded.url
+    else:
+        url = settings.redis_url.get_secret_value()
+    redis = Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5)
+    try:
+        await redis.ping()
+        llm = llm or build_backends(settings)
+        await llm.start()
+    except BaseException:
+        await redis.aclose()
+        if embedded is not None:
+            embedded.stop()
+        raise
+    history = HistoryStore(
+        redis,
+        max_messages=settings.history_max_messages,
+        ttl_seconds=settings.history_ttl_seconds,
+    )
+    store = SettingsStore(
+        redis,
+        defaults=settings.default_sampling,
+        max_new_tokens_limit=settings.llm_max_new_tokens_limit,
+    )
+    service = SupportService(
+        redis=redis,
+        history=history,
+        settings=store,
+        llm=llm,
+        persona=settings.system_prompt,
+        scope=settings.history_scope,
+    )
+    return Runtime(service=service, redis=redis, llm=llm, embedded_redis=embedded)
+
+
+def _secret(value: object) -> str | None:
+    from pydantic import SecretStr
+
+    return value.get_secret_value() if isinstance(value, SecretStr) else None

@@ -1,0 +1,70 @@
+"""The `supportbot` command (also `python -m bot`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import SecretStr
+
+from bot.config import ConfigError, Settings, load_settings
+from bot.ops.logging import setup_logging
+from bot.ops.redis_server import RedisServerError
+
+logger = logging.getLogger("bot")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="supportbot",
+        description="A support chatbot for Slack and Discord, answering with EXAONE 3.5 or GPT.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chat = commands.add_parser("chat", help="talk to the bot in this terminal (reads stdin)")
+    chat.add_argument("--channel", default="terminal", help="conversation name (default: terminal)")
+    commands.add_parser("slack", help="run the Slack app")
+    commands.add_parser("discord", help="run the Discord bot")
+    commands.add_parser("doctor", help="check configuration and dependencies")
+    return parser
+
+
+def _secrets(settings: Settings) -> list[str]:
+    values = [getattr(settings, name) for name in type(settings).model_fields]
+    return [v.get_secret_value() for v in values if isinstance(v, SecretStr)]
+
+
+async def _chat(settings: Settings, channel: str) -> int:
+    from bot.app import build
+    from bot.platforms.console import run_console
+
+    runtime = await build(settings)
+    try:
+        return await run_console(runtime.service, channel)
+    finally:
+        await runtime.aclose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"supportbot: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_format, _secrets(settings))
+    if args.command != "chat":
+        print(f"supportbot: `{args.command}` is not available in this version yet", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_chat(settings, args.channel))
+    except RedisServerError as exc:
+        print(f"supportbot: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:  # e.g. REDIS_URL unreachable
+        print(f"supportbot: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,76 @@
+"""Shared fixtures: a real redis-server on a free port, and the service wired over it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from bot.conversation import HistoryStore
+from bot.llm.fallback import FallbackLLM
+from bot.ops.redis_server import RedisServer, free_port
+from bot.sampling import SamplingSettings, SettingsStore
+from bot.service import SupportService
+from tests.support.backends import ScriptedLLM
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), port=free_port(), persist=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+DEFAULTS = SamplingSettings(temperature=0.7, top_k=50, top_p=0.95, max_new_tokens=64)
+
+
+@pytest.fixture
+def scripted() -> ScriptedLLM:
+    return ScriptedLLM()
+
+
+def make_service(
+    redis: Redis,
+    primary: ScriptedLLM | None,
+    fallback: ScriptedLLM | None = None,
+    *,
+    max_messages: int = 20,
+    ttl_seconds: int = 3600,
+    scope: str = "channel",
+    persona: str = "You are a test persona.",
+    limit: int = 1024,
+) -> SupportService:
+    return SupportService(
+        redis=redis,
+        history=HistoryStore(redis, max_messages=max_messages, ttl_seconds=ttl_seconds),
+        settings=SettingsStore(redis, defaults=DEFAULTS, max_new_tokens_limit=limit),
+        llm=FallbackLLM(primary, fallback),
+        persona=persona,
+        scope=scope,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+async def service(redis: Redis, scripted: ScriptedLLM) -> SupportService:
+    svc = make_service(redis, scripted)
+    await svc.llm.start()
+    return svc
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
