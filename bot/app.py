@@ -76,7 +76,7 @@ def build_backends(settings: Settings) -> FallbackLLM:
             timeout_s=settings.openai_timeout_seconds,
             max_retries=settings.openai_max_retries,
         )
-    return FallbackLLM(primary, fallback)
+    return FallbackLLM(primary, fallback, stall_timeout_s=settings.llm_timeout_seconds)
 
 
 async def build(settings: Settings, *, llm: FallbackLLM | None = None) -> Runtime:

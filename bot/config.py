@@ -35,6 +35,7 @@ class Settings(BaseSettings):
         extra="ignore",
         case_sensitive=False,
         validate_default=True,
+        env_ignore_empty=True,  # `FOO=` in .env means unset, not an empty value
     )
 
     # Storage

@@ -12,6 +12,7 @@ import time
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -192,32 +193,15 @@ class SupportService:
 
         parts: list[str] = []
         try:
-            async for event in self.llm.stream(messages, sampling):
-                if isinstance(event, Delta):
-                    parts.append(event.text)
-                    yield event
-                    continue
-                answer = "".join(parts).strip()
-                if not answer:
-                    yield self._fail(
-                        "The model returned an empty answer. Please rephrase your question.",
-                        "empty answer from %s in %s",
-                        event.backend,
-                        conversation.describe(),
-                    )
-                    return
-                await self.history.append(conversation, Message("assistant", answer))
-                logger.info(
-                    "answered in %s by %s: %d+%d tokens, first text %.3fs, total %.3fs",
-                    conversation.describe(),
-                    event.backend,
-                    event.prompt_tokens,
-                    event.completion_tokens,
-                    event.first_token_s or 0.0,
-                    time.monotonic() - started,
-                )
-                yield event
-                return
+            # aclosing: leaving at Finished must close the backend's stream now, not at GC.
+            async with aclosing(self.llm.stream(messages, sampling)) as events:
+                async for event in events:
+                    if isinstance(event, Delta):
+                        parts.append(event.text)
+                        yield event
+                    else:
+                        yield await self._finish(conversation, "".join(parts), event, started)
+                        return
         except NoBackendAvailable as exc:
             yield self._no_backend(conversation, exc)
         except LLMError as exc:
@@ -235,6 +219,29 @@ class SupportService:
                 conversation.describe(),
                 exc,
             )
+
+    async def _finish(
+        self, conversation: ConversationKey, text: str, done: Finished, started: float
+    ) -> Finished | Failure:
+        answer = text.strip()
+        if not answer:
+            return self._fail(
+                "The model returned an empty answer. Please rephrase your question.",
+                "empty answer from %s in %s",
+                done.backend,
+                conversation.describe(),
+            )
+        await self.history.append(conversation, Message("assistant", answer))
+        logger.info(
+            "answered in %s by %s: %d+%d tokens, first text %.3fs, total %.3fs",
+            conversation.describe(),
+            done.backend,
+            done.prompt_tokens,
+            done.completion_tokens,
+            done.first_token_s or 0.0,
+            time.monotonic() - started,
+        )
+        return done
 
     async def _start_turn(
         self, conversation: ConversationKey, question: str

@@ -7,7 +7,7 @@ fallback chain can decide what to try next; nothing backend-specific leaks past 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypedDict, runtime_checkable
 
@@ -93,7 +93,7 @@ class LLM(Protocol):
 
     def stream(
         self, messages: Sequence[ChatMessage], sampling: SamplingSettings
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """Generate an answer to `messages` (the last one is the user's question)."""
         ...
 

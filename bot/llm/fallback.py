@@ -9,14 +9,16 @@ timing out, on every message.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from bot.llm.base import (
     LLM,
+    BackendTimeout,
     BackendUnavailable,
     ChatMessage,
     Delta,
@@ -110,7 +112,9 @@ class FallbackLLM:
         disabled_reason: str = "disabled",
         breaker_threshold: int = 2,
         breaker_cooldown_s: float = 30.0,
+        stall_timeout_s: float = 120.0,
     ) -> None:
+        self.stall_timeout_s = stall_timeout_s
         self._slots: list[_Slot] = []
         for backend, role in ((primary, "primary"), (fallback, "fallback")):
             if backend is not None:
@@ -181,7 +185,7 @@ class FallbackLLM:
 
     async def stream(
         self, messages: Sequence[ChatMessage], sampling: SamplingSettings
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         errors: list[str] = []
         for slot in self._slots:
             if slot.unavailable is not None:
@@ -192,7 +196,7 @@ class FallbackLLM:
                 continue
             started = False
             try:
-                async for event in slot.backend.stream(messages, sampling):
+                async for event in self._guarded(slot.backend.stream(messages, sampling)):
                     if isinstance(event, Delta) and event.text:
                         started = True
                     if isinstance(event, Finished):
@@ -218,6 +222,25 @@ class FallbackLLM:
                 if started:
                     raise
         raise self._no_backend(errors)
+
+    async def _guarded(self, events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+        """Pass events through, raising BackendTimeout when the backend goes quiet for longer
+        than `stall_timeout_s` (before the first text, or between chunks): a hung model must
+        not hold a channel's turn forever, whatever the backend's own timeouts do."""
+        iterator = aiter(events)
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(iterator), self.stall_timeout_s)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise BackendTimeout(f"no output for {self.stall_timeout_s:g}s") from None
+                yield event
+        finally:
+            closer = getattr(iterator, "aclose", None)
+            if closer is not None:
+                await closer()
 
     def _no_backend(self, errors: Sequence[str] = ()) -> NoBackendAvailable:
         detail = "; ".join(errors) if errors else "no backend configured"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from bot.llm.base import (
@@ -65,7 +65,7 @@ class ScriptedLLM:
 
     async def stream(
         self, messages: Sequence[ChatMessage], sampling: SamplingSettings
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         began = time.monotonic()
         self.calls.append(Call(list(messages), sampling))
         if self.hang_s:

@@ -21,12 +21,16 @@ def parse(text: str):
     return parse_command(text, max_new_tokens_limit=LIMIT)
 
 
-@pytest.mark.parametrize("text", ["", "   ", "show", "SHOW", " show ", "/llm-settings", "/llm-settings show"])
+@pytest.mark.parametrize(
+    "text", ["", "   ", "show", "SHOW", " show ", "/llm-settings", "/llm-settings show"]
+)
 def test_show(text):
     assert parse(text) == Show()
 
 
-@pytest.mark.parametrize(("text", "expected"), [("reset", Reset()), ("log", Log()), ("forget", Forget())])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("reset", Reset()), ("log", Log()), ("forget", Forget())]
+)
 def test_words(text, expected):
     assert parse(text) == expected
 
@@ -58,8 +62,18 @@ def test_changes(text, values):
 
 @pytest.mark.parametrize(
     ("word", "value"),
-    [("true", True), ("false", False), ("on", True), ("off", False), ("yes", True),
-     ("no", False), ("1", True), ("0", False), ("True", True), ("OFF", False)],
+    [
+        ("true", True),
+        ("false", False),
+        ("on", True),
+        ("off", False),
+        ("yes", True),
+        ("no", False),
+        ("1", True),
+        ("0", False),
+        ("True", True),
+        ("OFF", False),
+    ],
 )
 def test_do_sample_words(word, value):
     assert parse(f"do_sample {word}") == Change({"do_sample": value})
