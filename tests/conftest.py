@@ -74,3 +74,7 @@ async def service(redis: Redis, scripted: ScriptedLLM) -> SupportService:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+# Fixtures defined in tests/fixtures, registered here for every test.
+from tests.fixtures.fake_openai import fake_openai_fixture  # noqa: E402, F401
