@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import repo_root
+from tests.fixtures.tiny_exaone import remote_code_marker
 
 FAKE_KEY = "sk-test-0123456789abcdefghijkl"
 
@@ -143,3 +144,18 @@ def test_unloadable_local_model_falls_back_to_gpt(env, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "echo: hello"
     assert "no-such-model" in result.stderr  # the log says why the local model is not used
+
+
+def test_answers_from_a_local_exaone_directory(env, tiny_exaone_dir, fake_openai):
+    env["LLM_MODEL"] = str(tiny_exaone_dir)
+    env["LLM_DEVICE"] = "cpu"
+    env["LLM_MAX_NEW_TOKENS"] = "8"
+    env["LLM_DO_SAMPLE"] = "false"
+    result = run_chat("hello\n/llm-settings show\n", env)
+    assert result.returncode == 0, result.stderr
+    answer, rest = result.stdout.split("\n", 1)
+    # Random weights say nothing sensible, but it is the local model's text, not GPT's.
+    assert answer.strip() and "error id" not in answer, answer
+    assert fake_openai.chat_requests == []
+    assert f"Answering: local:{tiny_exaone_dir.name}" in rest
+    assert not remote_code_marker(tiny_exaone_dir).exists()

@@ -16,8 +16,8 @@ ADMIN = User("U_ADMIN", can_configure=True)
 MEMBER = User("U_MEMBER", can_configure=False)
 
 
-async def snapshot(redis: Redis) -> dict[bytes, object]:
-    out: dict[bytes, object] = {}
+async def snapshot(redis: Redis) -> dict[bytes | str, object]:
+    out: dict[bytes | str, object] = {}
     for key in await redis.keys("*"):
         kind = await redis.type(key)
         if kind == b"hash":
