@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from redis.asyncio import Redis
-
 from bot.conversation import ConversationKey, HistoryStore, Message, history_key
-from bot.ops.redis_server import RedisServer, free_port
-from tests.support.redis_counting import RoundTrips, counting_client
+from tests.support.redis_tools import RoundTrips, counting_client, redis_in
 
 KEY = ConversationKey("slack", "T1", "C1")
 
@@ -92,20 +89,9 @@ async def test_forget_removes_channel_and_thread_histories_only(redis):
 
 
 async def test_history_survives_a_redis_restart(tmp_path):
-    server = RedisServer(tmp_path, port=free_port()).start()
-    try:
-        client = Redis.from_url(server.url)
-        await HistoryStore(client, max_messages=10, ttl_seconds=60).append(
-            KEY, Message("user", "remember me")
-        )
-        await client.aclose()
-    finally:
-        server.stop()
-    server = RedisServer(tmp_path, port=free_port()).start()
-    try:
-        client = Redis.from_url(server.url)
+    async with redis_in(tmp_path) as client:
+        store = HistoryStore(client, max_messages=10, ttl_seconds=60)
+        await store.append(KEY, Message("user", "remember me"))
+    async with redis_in(tmp_path) as client:
         store = HistoryStore(client, max_messages=10, ttl_seconds=60)
         assert await store.read(KEY) == [Message("user", "remember me")]
-        await client.aclose()
-    finally:
-        server.stop()

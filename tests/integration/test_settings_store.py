@@ -5,11 +5,11 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from bot.conversation import ConversationKey
-from bot.ops.redis_server import RedisServer, free_port
 from bot.sampling import SamplingSettings, SettingsStore
 from bot.service import User
 from tests.conftest import DEFAULTS, make_service
 from tests.support.backends import ScriptedLLM
+from tests.support.redis_tools import redis_in
 
 KEY = ConversationKey("slack", "T1", "C1")
 ADMIN = User("U_ADMIN", can_configure=True)
@@ -120,23 +120,13 @@ async def test_show_says_what_a_backend_cannot_honour(redis):
 
 
 async def test_settings_survive_a_restart(tmp_path):
-    server = RedisServer(tmp_path, port=free_port()).start()
-    try:
-        client = Redis.from_url(server.url)
+    async with redis_in(tmp_path) as client:
         store = SettingsStore(client, defaults=DEFAULTS, max_new_tokens_limit=1024)
         await store.change(KEY.channel_tag, "U1", {"temperature": 1.3, "do_sample": True})
-        await client.aclose()
-    finally:
-        server.stop()
-    server = RedisServer(tmp_path, port=free_port()).start()
-    try:
-        client = Redis.from_url(server.url)
+    async with redis_in(tmp_path) as client:
         store = SettingsStore(client, defaults=DEFAULTS, max_new_tokens_limit=1024)
         assert (await store.get(KEY.channel_tag)).effective.temperature == 1.3
         assert await client.ttl(store.settings_key(KEY.channel_tag)) == -1  # never expires
-        await client.aclose()
-    finally:
-        server.stop()
 
 
 async def test_stored_value_above_a_lowered_limit_falls_back_to_default(redis):

@@ -22,45 +22,9 @@ from bot.llm.exaone import (
     read_config,
     resolve_model_dir,
 )
-from tests.fixtures.tiny_exaone import TINY_SHAPE, remote_code_marker
+from tests.fixtures.tiny_exaone import EXAONE_3_5_2_4B_CONFIG, TINY_SHAPE, remote_code_marker
 
-# LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct's config.json.
-REAL_2_4B_CONFIG: dict[str, Any] = {
-    "activation_function": "silu",
-    "architectures": ["ExaoneForCausalLM"],
-    "attention_dropout": 0.0,
-    "auto_map": {
-        "AutoConfig": "configuration_exaone.ExaoneConfig",
-        "AutoModelForCausalLM": "modeling_exaone.ExaoneForCausalLM",
-        "AutoModelForSequenceClassification": "modeling_exaone.ExaoneForSequenceClassification",
-    },
-    "bos_token_id": 1,
-    "embed_dropout": 0.0,
-    "eos_token_id": 361,
-    "head_dim": 80,
-    "hidden_size": 2560,
-    "initializer_range": 0.02,
-    "intermediate_size": 7168,
-    "layer_norm_epsilon": 1e-05,
-    "max_position_embeddings": 32768,
-    "model_type": "exaone",
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "num_layers": 30,
-    "pad_token_id": 0,
-    "rope_scaling": {
-        "factor": 8.0,
-        "high_freq_factor": 4.0,
-        "low_freq_factor": 1.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-    "rope_theta": 1000000.0,
-    "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
-    "vocab_size": 102400,
-}
+REAL_2_4B_CONFIG = EXAONE_3_5_2_4B_CONFIG
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful support assistant."},
