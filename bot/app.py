@@ -26,6 +26,19 @@ class Runtime:
     embedded_redis: RedisServer | None = None
     _closed: bool = field(default=False, repr=False)
 
+    async def readiness(self) -> tuple[bool, dict[str, str]]:
+        """Ready when Redis answers and a backend (local model or GPT) can serve."""
+        checks: dict[str, str] = {}
+        try:
+            await self.redis.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:  # any failure means not ready; the reason is for operators
+            checks["redis"] = f"unreachable: {type(exc).__name__}"
+        for status in self.llm.status():
+            checks[f"{status.role}"] = f"{status.name}: {status.state}"
+        ready = checks["redis"] == "ok" and self.llm.ready
+        return ready, checks
+
     async def aclose(self) -> None:
         if self._closed:
             return

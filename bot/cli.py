@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,6 +16,9 @@ from bot.ops.logging import setup_logging
 from bot.ops.redis_server import RedisServerError
 
 logger = logging.getLogger("bot")
+
+# Each platform module exposes `async def run(settings: Settings) -> int`.
+_SERVICES = {"slack": "bot.platforms.slack", "discord": "bot.platforms.discord"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,11 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"supportbot: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_format, _secrets(settings))
-    if args.command != "chat":
+    try:
+        if args.command == "chat":
+            return asyncio.run(_chat(settings, args.channel))
+        if args.command in _SERVICES:
+            # Imported on demand: `chat` never loads slack-bolt or discord.py.
+            module = importlib.import_module(_SERVICES[args.command])
+            return int(asyncio.run(module.run(settings)))
         print(f"supportbot: `{args.command}` is not available in this version yet", file=sys.stderr)
         return 2
-    try:
-        return asyncio.run(_chat(settings, args.channel))
     except RedisServerError as exc:
         print(f"supportbot: {exc}", file=sys.stderr)
         return 1

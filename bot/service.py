@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from bot.conversation import ConversationKey, HistoryScope, HistoryStore, Message
 from bot.llm.base import Delta, Finished, LLMError
 from bot.llm.fallback import FallbackLLM, NoBackendAvailable
+from bot.ops import metrics
 from bot.prompt import PromptTooLong, build_prompt
 from bot.sampling import (
     KEYS,
@@ -147,9 +148,16 @@ class SupportService:
             yield Failure("Ask me a question after the mention, and I'll answer here.")
             return
         conversation = key.scoped(self.scope)
+        metrics.QUESTIONS.labels(key.platform).inc()
         async with self._locks.hold(conversation):
-            async for event in self._turn(conversation, user, question):
-                yield event
+            metrics.ACTIVE.inc()
+            try:
+                async for event in self._turn(conversation, user, question):
+                    if isinstance(event, Failure) and event.error_id:
+                        metrics.ERRORS.labels(key.platform).inc()
+                    yield event
+            finally:
+                metrics.ACTIVE.dec()
 
     async def _turn(
         self, conversation: ConversationKey, user: User, question: str
@@ -232,6 +240,11 @@ class SupportService:
                 conversation.describe(),
             )
         await self.history.append(conversation, Message("assistant", answer))
+        labels = (conversation.platform, done.backend)
+        metrics.ANSWERS.labels(*labels).inc()
+        metrics.LATENCY.labels(*labels).observe(time.monotonic() - started)
+        if done.first_token_s is not None:
+            metrics.FIRST_TOKEN.labels(*labels).observe(done.first_token_s)
         logger.info(
             "answered in %s by %s: %d+%d tokens, first text %.3fs, total %.3fs",
             conversation.describe(),

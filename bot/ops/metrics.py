@@ -1,0 +1,33 @@
+"""Prometheus metrics, in one registry of our own (so tests can read exact values)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+QUESTIONS = Counter("supportbot_questions", "Questions received", ["platform"], registry=REGISTRY)
+ANSWERS = Counter(
+    "supportbot_answers", "Answers completed", ["platform", "backend"], registry=REGISTRY
+)
+ERRORS = Counter(
+    "supportbot_errors", "Questions that ended in an error message", ["platform"], registry=REGISTRY
+)
+DUPLICATES = Counter(
+    "supportbot_duplicate_events", "Re-delivered events ignored", ["platform"], registry=REGISTRY
+)
+LATENCY = Histogram(
+    "supportbot_answer_seconds",
+    "Time from question to complete answer",
+    ["platform", "backend"],
+    buckets=(0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
+    registry=REGISTRY,
+)
+FIRST_TOKEN = Histogram(
+    "supportbot_first_token_seconds",
+    "Time from question to the first text",
+    ["platform", "backend"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
+    registry=REGISTRY,
+)
+ACTIVE = Gauge("supportbot_active_answers", "Answers being generated now", registry=REGISTRY)
