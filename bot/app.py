@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -66,17 +67,7 @@ def build_backends(settings: Settings) -> FallbackLLM:
             label="server",
         )
     elif settings.local_model_enabled:
-        # Imported here so that `supportbot chat` with LLM_MODEL=none never imports torch.
-        from bot.llm.local import LocalLLM
-
-        primary = LocalLLM(
-            settings.llm_model,
-            device=settings.llm_device,
-            dtype=settings.llm_dtype,
-            trust_remote_code=settings.llm_trust_remote_code,
-            context_tokens=settings.llm_context_tokens,
-            first_token_timeout_s=settings.llm_timeout_seconds,
-        )
+        primary = build_local(settings)
     fallback: LLM | None = None
     if settings.openai_api_key is not None:
         from bot.llm.openai_chat import OpenAIChatLLM
@@ -89,7 +80,35 @@ def build_backends(settings: Settings) -> FallbackLLM:
             timeout_s=settings.openai_timeout_seconds,
             max_retries=settings.openai_max_retries,
         )
-    return FallbackLLM(primary, fallback, stall_timeout_s=settings.llm_timeout_seconds)
+    return FallbackLLM(
+        primary,
+        fallback,
+        stall_timeout_s=settings.llm_timeout_seconds,
+        overflow_to_fallback=settings.llm_overflow == "gpt",
+    )
+
+
+def build_local(settings: Settings) -> LLM:
+    """The in-process model, with the engine LLM_ENGINE names."""
+    # Imported here so that `supportbot chat` with LLM_MODEL=none never imports torch.
+    from bot.llm.local import LocalLLM
+
+    options: dict[str, Any] = {
+        "device": settings.llm_device,
+        "dtype": settings.llm_dtype,
+        "trust_remote_code": settings.llm_trust_remote_code,
+        "context_tokens": settings.llm_context_tokens,
+        "first_token_timeout_s": settings.llm_timeout_seconds,
+    }
+    if settings.llm_engine == "simple":
+        return LocalLLM(settings.llm_model, **options)
+    from bot.llm.batching import BatchingLocalLLM
+
+    return BatchingLocalLLM(
+        settings.llm_model,
+        max_in_flight=settings.llm_max_queue,
+        **options,
+    )
 
 
 async def build(settings: Settings, *, llm: FallbackLLM | None = None) -> Runtime:

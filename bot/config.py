@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     llm_trust_remote_code: bool = False
     llm_context_tokens: int | None = Field(default=None, ge=256)  # extension: override context
     llm_timeout_seconds: float = Field(default=60.0, gt=0)  # extension: wait for first text
+    # extension: "batching" serves every channel at once; "simple" is one at a time (debugging)
+    llm_engine: Literal["batching", "simple"] = "batching"
+    llm_max_queue: int = Field(default=64, ge=1)  # extension: questions in the engine at once
+    # extension: a question past LLM_MAX_QUEUE goes to GPT ("gpt") or is told to wait ("tell")
+    llm_overflow: Literal["gpt", "tell"] = "gpt"
 
     # GPT fallback
     openai_api_key: SecretStr | None = None

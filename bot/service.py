@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bot.conversation import ConversationKey, HistoryScope, HistoryStore, Message
-from bot.llm.base import Delta, Finished, LLMError
+from bot.llm.base import BackendBusy, Delta, Finished, LLMError
 from bot.llm.fallback import FallbackLLM, NoBackendAvailable
 from bot.ops import metrics
 from bot.prompt import PromptTooLong, build_prompt
@@ -212,6 +212,14 @@ class SupportService:
                         return
         except NoBackendAvailable as exc:
             yield self._no_backend(conversation, exc)
+        except BackendBusy as exc:
+            yield self._fail(
+                f"The model is busy: {exc.waiting} questions are ahead of yours. "
+                "Please ask again in a minute.",
+                "local model at capacity in %s: %s",
+                conversation.describe(),
+                exc,
+            )
         except LLMError as exc:
             cut = " The answer above was cut off." if parts else ""
             yield self._fail(

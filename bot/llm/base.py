@@ -54,6 +54,14 @@ class BackendTimeout(LLMError):
     """The backend did not produce text in time."""
 
 
+class BackendBusy(LLMError):
+    """The backend is at capacity; the question may overflow to another backend or wait."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"at capacity with {waiting} questions in progress")
+        self.waiting = waiting
+
+
 class BackendFailed(LLMError):
     """The backend raised or answered with an error while generating."""
 

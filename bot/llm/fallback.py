@@ -18,6 +18,7 @@ from typing import Literal
 
 from bot.llm.base import (
     LLM,
+    BackendBusy,
     BackendTimeout,
     BackendUnavailable,
     ChatMessage,
@@ -69,6 +70,10 @@ class CircuitBreaker:
             return True
         return False
 
+    def release_trial(self) -> None:
+        """The trial call did not test the backend (it was busy): let another one try."""
+        self._trial_running = False
+
     def success(self) -> None:
         self._failures = 0
         self._opened_at = None
@@ -113,8 +118,10 @@ class FallbackLLM:
         breaker_threshold: int = 2,
         breaker_cooldown_s: float = 30.0,
         stall_timeout_s: float = 120.0,
+        overflow_to_fallback: bool = True,
     ) -> None:
         self.stall_timeout_s = stall_timeout_s
+        self.overflow_to_fallback = overflow_to_fallback
         self._slots: list[_Slot] = []
         for backend, role in ((primary, "primary"), (fallback, "fallback")):
             if backend is not None:
@@ -187,6 +194,7 @@ class FallbackLLM:
         self, messages: Sequence[ChatMessage], sampling: SamplingSettings
     ) -> AsyncGenerator[StreamEvent, None]:
         errors: list[str] = []
+        busy: BackendBusy | None = None
         for slot in self._slots:
             if slot.unavailable is not None:
                 errors.append(f"{slot.backend.name}: {slot.unavailable}")
@@ -203,6 +211,13 @@ class FallbackLLM:
                         slot.breaker.success()
                     yield event
                 return
+            except BackendBusy as exc:
+                # Capacity, not a fault: the breaker stays closed.
+                slot.breaker.release_trial()
+                busy = busy or exc
+                errors.append(f"{slot.backend.name}: {exc}")
+                if not self.overflow_to_fallback:
+                    raise
             except BackendUnavailable as exc:
                 slot.breaker.failure()
                 errors.append(f"{slot.backend.name}: {exc}")
@@ -221,6 +236,8 @@ class FallbackLLM:
                 )
                 if started:
                     raise
+        if busy is not None:
+            raise busy
         raise self._no_backend(errors)
 
     async def _guarded(self, events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:

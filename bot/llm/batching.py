@@ -1,0 +1,246 @@
+"""The continuous-batching engine: every channel's question decoded together on one resident model.
+
+transformers' continuous batching (`model.init_continuous_batching`) runs a generation thread
+with a paged KV cache; requests join and leave the running batch at every step, so the tenth
+channel does not wait for nine whole answers. Sampling is per request
+(`ContinuousBatchingConfig(per_request_processors=True)`). `do_sample` is global there, so the
+engine always samples and expresses greedy decoding as `top_k=1`, which leaves only the argmax
+token (tests check it equals greedy `generate` token for token).
+
+Tokens arrive on the event loop through `register_result_handler`; text is decoded incrementally
+per request. A bounded number of requests may be in the engine at once: past it, the request
+raises BackendBusy, so the fallback chain sends it to GPT or the user is told how many are ahead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from bot.llm.base import (
+    BackendBusy,
+    BackendFailed,
+    BackendUnavailable,
+    ChatMessage,
+    Delta,
+    Finished,
+    StreamEvent,
+)
+from bot.llm.local import LocalLLM, _as_dicts
+from bot.sampling import SamplingSettings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# Sampling values the engine is created with. Each processor exists only if its creation value
+# is not a no-op (temperature 1.0, top_p 1.0), and only existing processors take per-request
+# values; requests always pass their own.
+_CREATION_SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.95}
+
+
+class IncrementalDecoder:
+    """Decodes a growing list of token ids into text deltas, in O(new tokens) per step.
+
+    It decodes a short window (from `prefix` to the end) and emits what goes beyond the window's
+    previous text, holding back while the tail is an incomplete UTF-8 sequence (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self._prefix = 0  # start of the decode window
+        self._read = 0  # tokens already turned into emitted text
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return cast(str, self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def push(self, tokens: Sequence[int]) -> str:
+        if len(tokens) <= self._read:
+            return ""
+        before = self._decode(tokens[self._prefix : self._read])
+        after = self._decode(tokens[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(tokens)
+        return after[len(before) :]
+
+    def flush(self, tokens: Sequence[int]) -> str:
+        """Whatever is left at the end, replacement characters included."""
+        before = self._decode(tokens[self._prefix : self._read])
+        after = self._decode(tokens[self._prefix :])
+        self._prefix = self._read = len(tokens)
+        return after[len(before) :] if len(after) > len(before) else ""
+
+
+@dataclass
+class _Request:
+    """One request's results, fed by the engine thread through the event loop."""
+
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+
+
+def _drop_handler_later(manager: Any, request_id: str, delay_s: float = 5.0) -> None:
+    """Forget a cancelled request's result handler.
+
+    transformers removes a handler only when its request finishes, and a cancelled one never
+    does. Outputs still in flight must not fall back to the shared output queue (it would grow
+    without bound), so the handler becomes a no-op first and is removed a little later.
+    """
+    router = manager.output_router
+    with router._lock:
+        entry = router.result_handlers.get(request_id)
+        if entry is None:
+            return
+        router.result_handlers[request_id] = (lambda _output: None, entry[1])
+
+    def drop() -> None:
+        with router._lock:
+            router.result_handlers.pop(request_id, None)
+
+    entry[1].call_later(delay_s, drop)
+
+
+class BatchingLocalLLM(LocalLLM):
+    """LocalLLM with the continuous-batching engine instead of one generation at a time."""
+
+    def __init__(self, model: str, *, max_in_flight: int = 64, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.max_in_flight = max_in_flight
+        self._manager: Any = None
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def start(self) -> None:
+        await super().start()
+        if self._manager is None:
+            loop = asyncio.get_running_loop()
+            began = time.monotonic()
+            try:
+                self._manager = await loop.run_in_executor(self._executor, self._start_manager)
+            except Exception as exc:
+                raise BackendUnavailable(
+                    f"{self.name}: the batching engine could not start: {type(exc).__name__}: {exc}"
+                ) from exc
+            logger.info("batching engine ready in %.1fs", time.monotonic() - began)
+            # Warm-up: the first user must not pay for cache allocation and kernel selection.
+            warm = SamplingSettings(do_sample=False, max_new_tokens=2)
+            async for _ in self.stream([{"role": "user", "content": "warm up"}], warm):
+                pass
+
+    def _start_manager(self) -> Any:
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        loaded = self._require_loaded()
+        on_gpu = loaded.device.startswith("cuda")
+        generation = GenerationConfig(  # type: ignore[no-untyped-call]
+            do_sample=True,
+            max_new_tokens=256,
+            eos_token_id=loaded.eos_token_ids,
+            pad_token_id=loaded.pad_token_id,
+            **_CREATION_SAMPLING,
+        )
+        # On a GPU the cache is sized from free memory and CUDA graphs are chosen automatically;
+        # on a CPU a small fixed cache keeps start-up quick and RAM use modest.
+        sizing: dict[str, Any] = {} if on_gpu else {"num_blocks": 64, "max_batch_tokens": 512}
+        config = ContinuousBatchingConfig(per_request_processors=True, **sizing)
+        model: Any = loaded.model
+        manager = model.init_continuous_batching(
+            generation_config=generation, continuous_batching_config=config
+        )
+        if on_gpu:
+            manager.warmup()  # capture CUDA graphs now, not during the first answer
+        manager.start()
+        return manager
+
+    def _request_kwargs(self, sampling: SamplingSettings) -> dict[str, Any]:
+        if not sampling.do_sample:
+            # Greedy: only the argmax token survives top-k=1, whatever the temperature.
+            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        return {
+            "temperature": float(sampling.temperature),
+            "top_k": int(sampling.top_k),
+            "top_p": float(sampling.top_p),
+        }
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], sampling: SamplingSettings
+    ) -> AsyncGenerator[StreamEvent, None]:
+        loaded = self._require_loaded()
+        manager = self._manager
+        if manager is None or not manager.is_running():
+            raise BackendUnavailable(f"{self.name}: the batching engine is not running")
+        if self._in_flight >= self.max_in_flight:
+            raise BackendBusy(self._in_flight)
+        began = time.monotonic()
+        with self._tokenizer_lock:
+            prompt = loaded.tokenizer.apply_chat_template(
+                _as_dicts(messages),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+                sanitize_control_tokens=True,
+            )
+        prompt_ids = cast("list[int]", prompt)
+        request = _Request()
+        self._in_flight += 1
+        request_id: str | None = None
+        finished = False
+        try:
+            request_id = manager.add_request(
+                prompt_ids,
+                max_new_tokens=sampling.max_new_tokens,
+                streaming=True,
+                eos_token_id=loaded.eos_token_ids,
+                **self._request_kwargs(sampling),
+            )
+            if request_id is None:
+                raise BackendUnavailable(f"{self.name}: the engine is not accepting requests")
+            manager.register_result_handler(request_id, request.queue.put_nowait)
+            decoder = IncrementalDecoder(loaded.tokenizer)
+            first_text_s: float | None = None
+            while True:
+                result = await request.queue.get()
+                tokens = list(result.generated_tokens)
+                if result.error is not None:
+                    finished = True
+                    raise BackendFailed(f"{self.name}: engine error: {result.error}")
+                done = result.is_finished()
+                with self._tokenizer_lock:
+                    text = decoder.flush(tokens) if done else decoder.push(tokens)
+                if text:
+                    if first_text_s is None:
+                        first_text_s = time.monotonic() - began
+                    yield Delta(text)
+                if done:
+                    finished = True
+                    yield Finished(
+                        backend=self.name,
+                        prompt_tokens=len(prompt_ids),
+                        completion_tokens=len(tokens),
+                        first_token_s=first_text_s,
+                        total_s=time.monotonic() - began,
+                    )
+                    return
+        finally:
+            self._in_flight -= 1
+            if request_id is not None and not finished:
+                # The consumer left (channel gone, timeout, shutdown): free the batch slot.
+                manager.cancel_request(request_id)
+                _drop_handler_later(manager, request_id)
+
+    async def aclose(self) -> None:
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            await asyncio.to_thread(manager.stop, block=True, timeout=30)
+        await super().aclose()

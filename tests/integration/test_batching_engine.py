@@ -1,0 +1,166 @@
+"""The continuous-batching engine on the tiny EXAONE checkpoint: per-request sampling, streaming,
+admission control, cancellation and engine failure (correctness, not speed)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from bot.llm.base import BackendBusy, ChatMessage, Delta, Finished
+from bot.llm.batching import BatchingLocalLLM, IncrementalDecoder
+from bot.llm.exaone import load_model_and_tokenizer
+from bot.llm.fallback import FallbackLLM
+from bot.sampling import SamplingSettings
+from tests.support.backends import ScriptedLLM
+
+pytestmark = pytest.mark.slow
+
+MESSAGES: list[ChatMessage] = [
+    {"role": "system", "content": "You are a support bot."},
+    {"role": "user", "content": "배송은 언제 되나요? When will it ship?"},
+]
+GREEDY = SamplingSettings(do_sample=False, max_new_tokens=24)
+HOT = SamplingSettings(temperature=1.8, top_k=400, top_p=1.0, max_new_tokens=24)
+
+
+@pytest.fixture
+async def engine(tiny_exaone_dir: Path) -> AsyncIterator[BatchingLocalLLM]:
+    llm = BatchingLocalLLM(str(tiny_exaone_dir), device="cpu", max_in_flight=8)
+    await llm.start()
+    yield llm
+    await llm.aclose()
+
+
+async def collect(llm, sampling, messages: Sequence[ChatMessage] = MESSAGES):
+    parts: list[str] = []
+    finished = None
+    async for event in llm.stream(messages, sampling):
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        else:
+            finished = event
+    assert isinstance(finished, Finished)
+    return "".join(parts), finished
+
+
+def reference_greedy(model_dir: Path, messages, max_new_tokens: int) -> tuple[list[int], str]:
+    model, tokenizer = load_model_and_tokenizer(model_dir, "cpu", torch.float32)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    end = tokenizer.convert_tokens_to_ids("[|endofturn|]")
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[end]
+    )
+    new = out[0, len(ids) :].tolist()
+    return new, str(tokenizer.decode(new, skip_special_tokens=True))
+
+
+async def test_greedy_channel_equals_greedy_decoding_beside_a_sampling_channel(
+    engine, tiny_exaone_dir
+):
+    tokens, expected = reference_greedy(tiny_exaone_dir, MESSAGES, GREEDY.max_new_tokens)
+    results = await asyncio.gather(
+        collect(engine, GREEDY), collect(engine, HOT), collect(engine, HOT), collect(engine, GREEDY)
+    )
+    (greedy_text, greedy_done), (hot1, _), (hot2, _), (greedy_again, _) = results
+    assert greedy_text == expected and greedy_again == expected
+    assert greedy_done.completion_tokens == len(tokens)
+    assert hot1 != expected or hot2 != expected  # sampling really sampled beside the greedy run
+
+
+async def test_streamed_text_equals_the_decoded_answer(engine, tiny_exaone_dir):
+    _, expected = reference_greedy(tiny_exaone_dir, MESSAGES, 40)
+    text, _ = await collect(engine, SamplingSettings(do_sample=False, max_new_tokens=40))
+    assert text == expected
+
+
+def test_incremental_decoder_matches_full_decode_on_korean(tiny_exaone_dir):
+    _, tokenizer = load_model_and_tokenizer(tiny_exaone_dir, "cpu", torch.float32)
+    ids = tokenizer.encode(
+        "안녕하세요, 배송 문의입니다. Shipping takes 3 days! 🚚", add_special_tokens=False
+    )
+    decoder = IncrementalDecoder(tokenizer)
+    parts = [decoder.push(ids[:n]) for n in range(1, len(ids) + 1)]
+    parts.append(decoder.flush(ids))
+    assert "".join(parts) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in p for p in parts)
+
+
+async def test_queue_bound_overflows_to_gpt_or_tells_the_user(tiny_exaone_dir):
+    local = BatchingLocalLLM(str(tiny_exaone_dir), device="cpu", max_in_flight=2)
+    gpt = ScriptedLLM(label="gpt")
+    chain = FallbackLLM(local, gpt)
+    await chain.start()
+    try:
+        slow = SamplingSettings(do_sample=False, max_new_tokens=200)
+        holders = [local.stream(MESSAGES, slow) for _ in range(2)]
+        for holder in holders:  # both slots taken and generating
+            assert isinstance(await anext(holder), Delta)
+        text, done = await collect(chain, GREEDY)
+        assert done.backend == "test:gpt" and text.startswith("echo:")
+        assert chain._slots[0].breaker.state == "closed"  # capacity is not a fault
+        chain.overflow_to_fallback = False
+        with pytest.raises(BackendBusy) as info:
+            await collect(chain, GREEDY)
+        assert info.value.waiting == 2
+        for holder in holders:
+            await holder.aclose()
+        assert local.in_flight == 0
+        _, done = await collect(chain, GREEDY)
+        assert done.backend.startswith("local:")
+    finally:
+        await chain.aclose()
+
+
+async def test_a_request_whose_channel_is_gone_is_cancelled(engine):
+    stream = engine.stream(MESSAGES, SamplingSettings(do_sample=False, max_new_tokens=500))
+    assert isinstance(await anext(stream), Delta)
+    await stream.aclose()
+    assert engine.in_flight == 0
+    scheduler = engine._manager.batch_processor.scheduler
+    for _ in range(100):  # the engine thread drops it at its next step
+        if not scheduler.active_requests and not scheduler.waiting_requests:
+            break
+        await asyncio.sleep(0.02)
+    assert not scheduler.active_requests and not scheduler.waiting_requests
+    text, _ = await collect(engine, GREEDY)  # and the engine goes on serving
+    assert text
+
+
+async def test_engine_failure_moves_waiting_requests_to_gpt(tiny_exaone_dir):
+    local = BatchingLocalLLM(str(tiny_exaone_dir), device="cpu", max_in_flight=8)
+    gpt = ScriptedLLM(label="gpt")
+    chain = FallbackLLM(local, gpt)
+    await chain.start()
+    try:
+        model = local._require_loaded().model
+
+        def out_of_memory(*_args):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        model.model.layers[0].register_forward_hook(out_of_memory)
+        results = await asyncio.gather(*(collect(chain, GREEDY) for _ in range(4)))
+        assert [done.backend for _, done in results] == ["test:gpt"] * 4
+        # The engine is down now: later questions go straight to GPT too.
+        _, done = await collect(chain, GREEDY)
+        assert done.backend == "test:gpt"
+    finally:
+        await chain.aclose()
+
+
+async def test_no_growth_after_many_requests(engine):
+    router = engine._manager.output_router
+    for _ in range(3):
+        await asyncio.gather(*(collect(engine, GREEDY) for _ in range(6)))
+    stream = engine.stream(MESSAGES, SamplingSettings(do_sample=False, max_new_tokens=500))
+    await anext(stream)
+    await stream.aclose()
+    await asyncio.sleep(0.05)
+    assert engine.in_flight == 0
+    assert router.output_queue.qsize() == 0
+    assert len(router.result_handlers) <= 1  # only the cancelled one, dropped a moment later
