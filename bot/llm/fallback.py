@@ -248,7 +248,9 @@ class FallbackLLM:
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(anext(iterator), self.stall_timeout_s)
+                    # asyncio.timeout, not wait_for: no extra task per streamed chunk.
+                    async with asyncio.timeout(self.stall_timeout_s):
+                        event = await anext(iterator)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:

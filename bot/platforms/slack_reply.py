@@ -1,0 +1,357 @@
+"""One answer delivered into a Slack thread: a working indicator, live text, then the final text.
+
+Two ways to show text as it is generated, chosen per workspace:
+
+- **stream**: slack_sdk's `chat_stream` (chat.startStream / appendStream / stopStream), which
+  Slack renders as a live message from markdown. The thread's "is thinking…" status
+  (assistant.threads.setStatus) shows work before the first text.
+- **update**: a placeholder `…` posted at once, then `chat.update` with the text so far (as
+  mrkdwn). Used where streaming or the status is refused (older plans, Enterprise policies,
+  missing scopes); the refusal is remembered for the workspace for a while.
+
+Either way Slack is called at most once per `interval_s` while text arrives (Slack allows about
+one update per second per message), and the final text is always sent, after waiting out any
+429 (the Web API client honours Retry-After). An answer longer than `limit` is split with the
+shared splitter into follow-up messages in the same thread; a split point that moves as the text
+grows is corrected by rewriting the affected message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+import aiohttp
+from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.web.async_chat_stream import AsyncChatStream
+from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
+
+from bot.llm.base import Delta
+from bot.platforms.slack_mrkdwn import defuse, to_mrkdwn
+from bot.platforms.text import split_message
+from bot.service import AnswerEvent, Failure, new_error_id
+
+logger = logging.getLogger(__name__)
+
+# Slack truncates a message's text at 40,000 characters but asks for at most 4,000 for reliable
+# rendering; 3,900 leaves room for the live cursor and for mrkdwn escaping (`&` → `&amp;`).
+SLACK_TEXT_LIMIT = 3_900
+UPDATE_INTERVAL_S = 1.0
+WORKING_STATUS = "is thinking…"
+PLACEHOLDER = "…"
+CURSOR = " …"  # after the text while more is coming (update mode)
+# How long a workspace's refusal of streaming or the status is trusted before trying again.
+FEATURE_RETRY_S = 600.0
+
+# What a failed Web API call can raise: Slack's own errors, and the transport's.
+DELIVERY_ERRORS = (SlackClientError, aiohttp.ClientError, TimeoutError)
+
+
+class Features:
+    """Which optional Slack features each workspace allows, learnt from refusals."""
+
+    def __init__(
+        self,
+        retry_after_s: float = FEATURE_RETRY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._retry_after_s = retry_after_s
+        self._clock = clock
+        self._refused: dict[tuple[str, str], float] = {}
+
+    def allows(self, feature: str, team: str) -> bool:
+        until = self._refused.get((feature, team))
+        return until is None or self._clock() >= until
+
+    def refuse(self, feature: str, team: str, reason: str) -> None:
+        if self.allows(feature, team):
+            logger.info(
+                "slack workspace %s refused %s (%s); using the fallback for %.0fs",
+                team,
+                feature,
+                reason,
+                self._retry_after_s,
+            )
+        self._refused[(feature, team)] = self._clock() + self._retry_after_s
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where the answer goes, and who asked (chat.startStream wants the recipient)."""
+
+    channel: str
+    thread_ts: str
+    team: str
+    user: str
+
+
+@dataclass
+class _Message:
+    """One Slack message of the answer."""
+
+    ts: str | None = None
+    shown: str = ""  # the content last sent: markdown (streamed) or mrkdwn (posted)
+    stream: AsyncChatStream | None = None  # open while streaming
+    markdown: bool = False  # made by a stream: rewrites must use markdown_text
+
+
+@dataclass
+class _Answer:
+    text: str = ""
+    notes: list[str] = field(default_factory=list)  # failures and notices, shown after the text
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _ts(response: AsyncSlackResponse | None) -> str | None:
+    """The message ts a Web API answer names (a stream's, from start/append/stop)."""
+    ts = response.get("ts") if response is not None else None
+    return str(ts) if ts else None
+
+
+def slack_error(exc: BaseException) -> str:
+    """A short, secret-free reason for logs."""
+    if isinstance(exc, SlackApiError):
+        return str(exc.response.get("error") or f"HTTP {exc.response.status_code}")
+    return type(exc).__name__
+
+
+class ReplyWriter:
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        place: Place,
+        features: Features,
+        *,
+        limit: int = SLACK_TEXT_LIMIT,
+        interval_s: float = UPDATE_INTERVAL_S,
+    ) -> None:
+        self._client = client
+        self._place = place
+        self._features = features
+        self._limit = limit
+        self._interval_s = interval_s
+        self._answer = _Answer()
+        self._messages: list[_Message] = []
+        self._streaming = False
+        self._placeholder: str | None = None
+
+    async def deliver(self, events: AsyncIterator[AnswerEvent]) -> None:
+        """Show that we are working, follow the answer as it arrives, then send the final text."""
+        # Generation starts before the indicator call, so Slack's round trip costs no latency.
+        collector = asyncio.create_task(self._collect(events))
+        try:
+            await self._show_working()
+            await self._follow(collector)
+            await collector
+        finally:
+            if not collector.done():
+                collector.cancel()
+                with suppress(asyncio.CancelledError):
+                    await collector
+        await self._show(self._final_text(), final=True)
+
+    # --- the answer as it arrives ---------------------------------------------------------------
+
+    async def _collect(self, events: AsyncIterator[AnswerEvent]) -> None:
+        answer = self._answer
+        try:
+            try:
+                async for event in events:
+                    if isinstance(event, Delta):
+                        answer.text += event.text
+                    elif isinstance(event, Failure):
+                        answer.notes.append(event.message)
+                    answer.changed.set()
+            finally:
+                closer = getattr(events, "aclose", None)  # ends the turn now, also if cancelled
+                if closer is not None:
+                    await closer()
+        except Exception:  # a bug below the service: the user still gets a message, not silence
+            error_id = new_error_id()
+            logger.exception("[error_id=%s] answering in %s failed", error_id, self._where())
+            answer.notes.append(
+                f"Sorry, something went wrong while answering. Please try again. "
+                f"(error id: {error_id})"
+            )
+
+    async def _follow(self, collector: asyncio.Task[None]) -> None:
+        """Show the text so far whenever it changed, at most once per interval."""
+        last = -math.inf
+        while not collector.done():
+            changed = asyncio.ensure_future(self._answer.changed.wait())
+            try:
+                await asyncio.wait({collector, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+            wait = last + self._interval_s - time.monotonic()
+            if not collector.done() and wait > 0:
+                await asyncio.wait({collector}, timeout=wait)
+            if collector.done():
+                return
+            self._answer.changed.clear()
+            await self._show(self._answer.text, final=False)
+            last = time.monotonic()
+
+    def _final_text(self) -> str:
+        parts = [self._answer.text.strip(), *self._answer.notes]
+        return "\n\n".join(part for part in parts if part) or (
+            "Sorry, I have no answer to that. Please try rephrasing your question."
+        )
+
+    # --- the working indicator ------------------------------------------------------------------
+
+    async def _show_working(self) -> None:
+        team = self._place.team
+        if self._features.allows("stream", team) and self._features.allows("status", team):
+            try:
+                await self._client.assistant_threads_setStatus(
+                    channel_id=self._place.channel,
+                    thread_ts=self._place.thread_ts,
+                    status=WORKING_STATUS,
+                )
+                self._streaming = True
+            except SlackApiError as exc:
+                self._features.refuse("status", team, slack_error(exc))
+        if not self._streaming:
+            response = await self._client.chat_postMessage(
+                channel=self._place.channel, thread_ts=self._place.thread_ts, text=PLACEHOLDER
+            )
+            self._placeholder = str(response["ts"])
+
+    # --- showing text ---------------------------------------------------------------------------
+
+    async def _show(self, text: str, *, final: bool) -> None:
+        parts = split_message(text, self._limit)
+        for index, part in enumerate(parts):
+            done = final or index < len(parts) - 1
+            try:
+                await self._show_part(index, part, done)
+            except DELIVERY_ERRORS as exc:
+                if not final:
+                    # Live updates are best effort: the next one (or the final text) catches up.
+                    logger.warning(
+                        "slack live update in %s failed: %s", self._where(), slack_error(exc)
+                    )
+                    return
+                await self._post_again(index, part, exc)
+        if final:
+            await self._drop_extra(len(parts))
+
+    async def _show_part(self, index: int, part: str, done: bool) -> None:
+        if index == len(self._messages):
+            self._messages.append(self._new_message(index))
+        message = self._messages[index]
+        if self._streaming and (message.stream is not None or message.ts is None):
+            try:
+                await self._stream(message, part, done)
+                return
+            except SlackApiError as exc:
+                self._stop_streaming(message, exc)
+        await self._put(message, part, done)
+
+    def _new_message(self, index: int) -> _Message:
+        if index == 0 and self._placeholder is not None:
+            return _Message(ts=self._placeholder, shown=PLACEHOLDER)
+        return _Message(markdown=self._streaming)
+
+    async def _stream(self, message: _Message, part: str, done: bool) -> None:
+        part = defuse(part)
+        if message.stream is None:
+            message.stream = await self._client.chat_stream(
+                channel=self._place.channel,
+                thread_ts=self._place.thread_ts,
+                recipient_team_id=self._place.team,
+                recipient_user_id=self._place.user,
+                buffer_size=1,  # we throttle ourselves; every append is sent
+            )
+        stream = message.stream
+        if not part.startswith(message.shown):
+            # A split point moved back into text already streamed: close it and rewrite it.
+            message.ts = _ts(await stream.stop()) or message.ts
+            message.stream = None
+            await self._put(message, part, done)
+            return
+        delta = part[len(message.shown) :]
+        response = None
+        if done:
+            response = await stream.stop(markdown_text=delta or None)
+            message.stream = None
+        elif delta:
+            response = await stream.append(markdown_text=delta)
+        message.ts = _ts(response) or message.ts
+        message.shown = part
+
+    def _stop_streaming(self, message: _Message, exc: SlackApiError) -> None:
+        reason = slack_error(exc)
+        if message.ts is None:
+            self._features.refuse("stream", self._place.team, reason)  # chat.startStream refused
+        else:
+            logger.warning(
+                "slack stream in %s failed (%s); updating instead", self._where(), reason
+            )
+        message.stream = None
+        message.markdown = message.ts is not None
+        self._streaming = False
+
+    async def _put(self, message: _Message, part: str, done: bool) -> None:
+        """Post or rewrite a whole message (update mode, and corrections)."""
+        view = defuse(part) if message.markdown else to_mrkdwn(part)
+        view += "" if done else CURSOR
+        if view == message.shown:
+            return
+        place = self._place
+        if message.ts is None:
+            response = await self._client.chat_postMessage(
+                channel=place.channel,
+                thread_ts=place.thread_ts,
+                text=view,
+                unfurl_links=False,
+                unfurl_media=False,
+            )
+            message.ts = str(response["ts"])
+        elif message.markdown:
+            await self._client.chat_update(channel=place.channel, ts=message.ts, markdown_text=view)
+        else:
+            await self._client.chat_update(channel=place.channel, ts=message.ts, text=view)
+        message.shown = view
+
+    async def _post_again(self, index: int, part: str, cause: BaseException) -> None:
+        """The final text could not be put in its message: post it as a new one."""
+        logger.warning(
+            "slack final update in %s failed (%s); posting the text anew",
+            self._where(),
+            slack_error(cause),
+        )
+        fresh = _Message()
+        try:
+            await self._put(fresh, part, done=True)
+        except DELIVERY_ERRORS as exc:
+            logger.error(
+                "[error_id=%s] could not deliver an answer in %s: %s",
+                new_error_id(),
+                self._where(),
+                slack_error(exc),
+            )
+            return
+        self._messages[index] = fresh
+
+    async def _drop_extra(self, keep: int) -> None:
+        """Delete messages a moved split point left over (rare)."""
+        for message in self._messages[keep:]:
+            try:
+                if message.stream is not None:
+                    message.ts = _ts(await message.stream.stop()) or message.ts
+                if message.ts is not None:
+                    await self._client.chat_delete(channel=self._place.channel, ts=message.ts)
+            except DELIVERY_ERRORS as exc:
+                logger.warning("slack cleanup in %s failed: %s", self._where(), slack_error(exc))
+        del self._messages[keep:]
+
+    def _where(self) -> str:
+        return f"slack:{self._place.team}:{self._place.channel}:{self._place.thread_ts}"

@@ -1,0 +1,217 @@
+"""`supportbot slack` as an operator runs it: `python -m bot slack` in HTTP mode as a subprocess,
+with Slack's Web API and GPT faked on 127.0.0.1 and the tests' real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bot.ops.redis_server import free_port
+from tests.conftest import repo_root
+from tests.fixtures.fake_openai import FakeOpenAI
+from tests.fixtures.fake_slack import (
+    SIGNING_SECRET,
+    FakeSlack,
+    event_body,
+    fake_slack_fixture,  # noqa: F401
+    mention,
+    sign,
+)
+
+OPENAI_KEY = "sk-test-e2e-0123456789abcdefghijkl"
+
+
+@pytest.fixture
+def env(tmp_path: Path, fake_slack: FakeSlack, fake_openai: FakeOpenAI, redis_server, redis):
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LLM_", "OPENAI_", "REDIS", "SLACK_", "HISTORY_"))
+    }
+    base.update(
+        HOME=str(tmp_path),
+        PYTHONPATH=str(repo_root()),
+        HF_HUB_OFFLINE="1",
+        DATA_DIR=str(tmp_path / "data"),
+        REDIS_URL=redis_server.url,
+        LLM_MODEL="none",
+        OPENAI_API_KEY=OPENAI_KEY,
+        OPENAI_BASE_URL=fake_openai.base_url,
+        OPENAI_MODEL="gpt-test",
+        SYSTEM_PROMPT="You are the e2e persona.",
+        SLACK_BOT_TOKEN=fake_slack.token,
+        SLACK_SIGNING_SECRET=SIGNING_SECRET,
+        SLACK_API_URL=fake_slack.url,
+        PORT=str(free_port()),
+    )
+    return base
+
+
+def start(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bot", "slack"],
+        env=env,
+        cwd=env["HOME"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def bot(env) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    proc = start(env)
+    url = f"http://127.0.0.1:{env['PORT']}"
+    try:
+        wait_until_up(proc, url)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def wait_until_up(proc: subprocess.Popen[str], url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode}: {proc.communicate()[1]}")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("the Slack app did not come up")
+
+
+def post(url: str, body: str, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(f"{url}/slack/events", data=body.encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_signed_mention_is_answered_in_its_thread(bot, fake_slack, fake_openai):
+    proc, url = bot
+    body = json.dumps(event_body(mention("<@U0BOT> is the app up?", ts="1700.000100")))
+    headers = {"Content-Type": "application/json", **sign(body)}
+    assert post(url, body, headers) == 200
+    fake_slack.wait_for(
+        lambda: fake_slack.texts("C0GENERAL", "1700.000100") == ["echo: is the app up?"]
+    )
+    assert fake_openai.chat_requests[-1].body["messages"][0]["content"] == (
+        "You are the e2e persona."
+    )
+
+    # Re-delivered by Slack: taken already, so ignored.
+    assert post(url, body, {**headers, "X-Slack-Retry-Num": "1"}) == 200
+    forged = {"Content-Type": "application/json", **sign(body, secret="not-the-secret")}
+    assert post(url, body, forged) == 401
+
+    status, ready = get(f"{url}/readyz")
+    assert status == 200 and json.loads(ready)["status"] == "ready"
+    status, metrics = get(f"{url}/metrics")
+    assert status == 200
+    fake_slack.wait_for(lambda: 'supportbot_duplicate_events_total{platform="slack"} 1.0' in get(
+        f"{url}/metrics")[1])  # fmt: skip
+    assert 'supportbot_questions_total{platform="slack"} 1.0' in metrics
+
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert len(fake_slack.thread("C0GENERAL", "1700.000100")) == 1
+    for secret in (fake_slack.token, SIGNING_SECRET, OPENAI_KEY):
+        assert secret not in out + err
+    assert "Traceback" not in err
+
+
+def test_missing_bot_token_is_one_line_naming_it(env):
+    del env["SLACK_BOT_TOKEN"]
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "slack"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "supportbot: SLACK_BOT_TOKEN is not set: the Slack app needs its bot token (xoxb-…)"
+    ]
+
+
+def test_http_mode_without_signing_secret_refuses_to_start(env, fake_slack):
+    del env["SLACK_SIGNING_SECRET"]
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "slack"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "SLACK_SIGNING_SECRET is not set" in line and "SLACK_APP_TOKEN" in line
+    assert fake_slack.token not in result.stderr
+
+
+def test_a_rejected_token_is_a_clear_message(env, fake_slack):
+    env["SLACK_BOT_TOKEN"] = "xoxb-wrong-0000000000-0000000000-zzzzzzzzzzzzzzzz"
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "slack"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "supportbot: Slack rejected SLACK_BOT_TOKEN (auth.test: invalid_auth)"
+    )
+    assert "xoxb-wrong" not in result.stderr
+
+
+def test_socket_mode_answers_and_serves_health_on_port(env, fake_slack):
+    env["SLACK_APP_TOKEN"] = fake_slack.app_token
+    del env["SLACK_SIGNING_SECRET"]  # not needed in Socket Mode
+    proc = start(env)
+    try:
+        wait_until_up(proc, f"http://127.0.0.1:{env['PORT']}")
+        fake_slack.wait_for(lambda: fake_slack.socket_connected)
+        fake_slack.send_envelope(event_body(mention("<@U0BOT> via socket", ts="1700.000200")))
+        fake_slack.wait_for(
+            lambda: fake_slack.texts("C0GENERAL", "1700.000200") == ["echo: via socket"]
+        )
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert fake_slack.app_token not in out + err and fake_slack.token not in out + err
+    assert "Traceback" not in err and "ERROR" not in err, err
+
+
+def test_a_rejected_app_token_is_a_clear_message(env, fake_slack):
+    env["SLACK_APP_TOKEN"] = "xapp-1-wrong-0000000000-zzzzzzzzzzzzzzzz"
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "slack"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("supportbot: Slack rejected SLACK_APP_TOKEN (apps.connections.open")
+    assert "xapp-1-wrong" not in result.stderr
