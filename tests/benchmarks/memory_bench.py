@@ -5,8 +5,9 @@
 
 Engine: memory after 1,000 questions (--questions) against memory after 10 (GPU:
 torch.cuda.memory_allocated; CPU: the process's resident set), plus the engine's own
-bookkeeping (requests in flight, result handlers, undelivered outputs). Redis: used_memory per channel after 10 turns and after 100 turns
-per channel, with HISTORY_MAX_MESSAGES=40. Prints figures; asserts nothing.
+bookkeeping (requests in flight, result handlers, undelivered outputs). Redis: used_memory per
+channel after 10 turns and after 100 turns per channel, with HISTORY_MAX_MESSAGES=40.
+Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
