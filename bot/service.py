@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 import unicodedata
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from bot.conversation import ConversationKey, HistoryScope, HistoryStore, Messag
 from bot.llm.base import BackendBusy, Delta, Finished, LLMError
 from bot.llm.fallback import FallbackLLM, NoBackendAvailable
 from bot.ops import metrics
+from bot.ops.logging import correlation_id, new_correlation_id
 from bot.prompt import PromptTooLong, build_prompt
 from bot.sampling import (
     KEYS,
@@ -58,13 +58,16 @@ class Failure:
 
     message: str
     error_id: str | None = None  # matches the log line; None for plain notices
+    reason: str = "notice"  # for metrics: redis, too_long, busy, failed, empty, no_backend
 
 
 AnswerEvent = Delta | Finished | Failure
 
 
 def new_error_id() -> str:
-    return uuid.uuid4().hex[:8]
+    """An id for an error the user sees: the current answer's correlation id, so the message
+    and every log line of that answer share it (a fresh one outside an answer)."""
+    return correlation_id() or new_correlation_id()
 
 
 def clean_question(text: str) -> str:
@@ -149,12 +152,15 @@ class SupportService:
             return
         conversation = key.scoped(self.scope)
         metrics.QUESTIONS.labels(key.platform).inc()
+        # A fresh correlation id per turn, in the caller's context: log lines of this answer
+        # (the platform adapter's included) and its error message carry the same id.
+        new_correlation_id()
         async with self._locks.hold(conversation):
             metrics.ACTIVE.inc()
             try:
                 async for event in self._turn(conversation, user, question):
                     if isinstance(event, Failure) and event.error_id:
-                        metrics.ERRORS.labels(key.platform).inc()
+                        metrics.ERRORS.labels(key.platform, event.reason).inc()
                     yield event
             finally:
                 metrics.ACTIVE.dec()
@@ -172,6 +178,7 @@ class SupportService:
                 "redis error starting a turn in %s: %s",
                 conversation.describe(),
                 exc,
+                reason="redis",
             )
             return
 
@@ -193,6 +200,7 @@ class SupportService:
                 "prompt too long in %s: %s",
                 conversation.describe(),
                 exc,
+                reason="too_long",
             )
             return
         except NoBackendAvailable as exc:
@@ -219,6 +227,7 @@ class SupportService:
                 "local model at capacity in %s: %s",
                 conversation.describe(),
                 exc,
+                reason="busy",
             )
         except LLMError as exc:
             cut = " The answer above was cut off." if parts else ""
@@ -227,6 +236,7 @@ class SupportService:
                 "generation failed in %s: %s",
                 conversation.describe(),
                 exc,
+                reason="failed",
             )
         except RedisError as exc:
             yield self._fail(
@@ -234,6 +244,7 @@ class SupportService:
                 "redis error storing an answer in %s: %s",
                 conversation.describe(),
                 exc,
+                reason="redis",
             )
 
     async def _finish(
@@ -246,6 +257,7 @@ class SupportService:
                 "empty answer from %s in %s",
                 done.backend,
                 conversation.describe(),
+                reason="empty",
             )
         await self.history.append(conversation, Message("assistant", answer))
         labels = (conversation.platform, done.backend)
@@ -253,6 +265,10 @@ class SupportService:
         metrics.LATENCY.labels(*labels).observe(time.monotonic() - started)
         if done.first_token_s is not None:
             metrics.FIRST_TOKEN.labels(*labels).observe(done.first_token_s)
+            decoding_s = done.total_s - done.first_token_s
+            if done.completion_tokens > 1 and decoding_s > 0:
+                rate = (done.completion_tokens - 1) / decoding_s
+                metrics.TOKENS_PER_S.labels(done.backend).observe(rate)
         logger.info(
             "answered in %s by %s: %d+%d tokens, first text %.3fs, total %.3fs",
             conversation.describe(),
@@ -283,13 +299,15 @@ class SupportService:
             "no backend could answer in %s: %s",
             conversation.describe(),
             exc,
+            reason="no_backend",
         )
 
     @staticmethod
-    def _fail(message: str, log: str, *args: object) -> Failure:
+    def _fail(message: str, log: str, *args: object, reason: str) -> Failure:
+        # The turn's correlation id: every log line of this answer carries it too.
         error_id = new_error_id()
         logger.error("[error_id=%s] " + log, error_id, *args)
-        return Failure(f"{message} (error id: {error_id})", error_id)
+        return Failure(f"{message} (error id: {error_id})", error_id, reason)
 
     # -- /llm-settings --------------------------------------------------------------------
 
@@ -332,6 +350,7 @@ class SupportService:
                 "redis error in /llm-settings for %s: %s",
                 key.describe(),
                 exc,
+                reason="redis",
             ).message
 
     def _render_show(self, channel: ChannelSettings) -> str:

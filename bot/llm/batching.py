@@ -31,6 +31,7 @@ from bot.llm.base import (
     StreamEvent,
 )
 from bot.llm.local import LocalLLM, _as_dicts
+from bot.ops import metrics
 from bot.sampling import SamplingSettings
 
 if TYPE_CHECKING:
@@ -194,6 +195,7 @@ class BatchingLocalLLM(LocalLLM):
         prompt_ids = cast("list[int]", prompt)
         request = _Request()
         self._in_flight += 1
+        metrics.QUEUE_DEPTH.set(self._in_flight)
         request_id: str | None = None
         finished = False
         try:
@@ -234,6 +236,7 @@ class BatchingLocalLLM(LocalLLM):
                     return
         finally:
             self._in_flight -= 1
+            metrics.QUEUE_DEPTH.set(self._in_flight)
             if request_id is not None and not finished:
                 # The consumer left (channel gone, timeout, shutdown): free the batch slot.
                 manager.cancel_request(request_id)

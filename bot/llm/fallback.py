@@ -27,6 +27,7 @@ from bot.llm.base import (
     LLMError,
     StreamEvent,
 )
+from bot.ops import metrics
 from bot.sampling import SamplingSettings
 
 logger = logging.getLogger(__name__)
@@ -196,11 +197,10 @@ class FallbackLLM:
         errors: list[str] = []
         busy: BackendBusy | None = None
         for slot in self._slots:
-            if slot.unavailable is not None:
-                errors.append(f"{slot.backend.name}: {slot.unavailable}")
-                continue
-            if not slot.breaker.allow():
-                errors.append(f"{slot.backend.name}: circuit open")
+            skip = self._skip_reason(slot)
+            if skip is not None:
+                errors.append(f"{slot.backend.name}: {skip}")
+                self._passed_on(slot, "unavailable" if slot.unavailable else "circuit_open")
                 continue
             started = False
             try:
@@ -218,12 +218,7 @@ class FallbackLLM:
                 errors.append(f"{slot.backend.name}: {exc}")
                 if not self.overflow_to_fallback:
                     raise
-            except BackendUnavailable as exc:
-                slot.breaker.failure()
-                errors.append(f"{slot.backend.name}: {exc}")
-                logger.warning("%s backend %s unusable: %s", slot.role, slot.backend.name, exc)
-                if started:
-                    raise
+                self._passed_on(slot, "busy")
             except Exception as exc:  # any failure of one backend is a reason to try the next
                 slot.breaker.failure()
                 errors.append(f"{slot.backend.name}: {type(exc).__name__}: {exc}")
@@ -236,9 +231,20 @@ class FallbackLLM:
                 )
                 if started:
                     raise
+                self._passed_on(slot, "timeout" if isinstance(exc, BackendTimeout) else "failed")
         if busy is not None:
             raise busy
         raise self._no_backend(errors)
+
+    @staticmethod
+    def _skip_reason(slot: _Slot) -> str | None:
+        if slot.unavailable is not None:
+            return slot.unavailable
+        return None if slot.breaker.allow() else "circuit open"
+
+    def _passed_on(self, slot: _Slot, reason: str) -> None:
+        if slot is not self._slots[-1]:
+            metrics.FALLBACKS.labels(slot.backend.name, reason).inc()
 
     async def _guarded(self, events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
         """Pass events through, raising BackendTimeout when the backend goes quiet for longer

@@ -32,6 +32,7 @@ from bot.llm.base import (
     StreamEvent,
 )
 from bot.llm.exaone import load_model_and_tokenizer, resolve_model_dir
+from bot.ops import metrics
 from bot.sampling import SamplingSettings
 
 if TYPE_CHECKING:
@@ -278,6 +279,11 @@ class LocalLLM:
                     f"local model {self._model_ref!r} could not be loaded: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+            if self._loaded.device.startswith("cuda"):
+                import torch
+
+                device = self._loaded.device
+                metrics.GPU_MEMORY.set_function(lambda: torch.cuda.memory_allocated(device))
             logger.info(
                 "local model %s loaded on %s in %.1fs",
                 self._model_ref,

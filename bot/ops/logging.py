@@ -6,13 +6,28 @@ import json
 import logging
 import re
 import sys
+import uuid
 from collections.abc import Iterable
+from contextvars import ContextVar
 
 # Token shapes worth hiding even when they are not ours (e.g. quoted in an upstream error).
 _TOKEN_SHAPES = re.compile(
     r"(xox[abposr]-[A-Za-z0-9-]{10,}|xapp-[A-Za-z0-9-]{10,}|sk-[A-Za-z0-9_-]{16,})"
 )
 REDACTED = "[redacted]"
+
+_CORRELATION_ID: ContextVar[str | None] = ContextVar("correlation_id", default=None)
+
+
+def new_correlation_id() -> str:
+    """Start a new correlation id in the current context (one per answer) and return it."""
+    value = uuid.uuid4().hex[:8]
+    _CORRELATION_ID.set(value)
+    return value
+
+
+def correlation_id() -> str | None:
+    return _CORRELATION_ID.get()
 
 
 class RedactingFilter(logging.Filter):
@@ -29,6 +44,7 @@ class RedactingFilter(logging.Filter):
         return _TOKEN_SHAPES.sub(REDACTED, text)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        record.correlation_id = _CORRELATION_ID.get() or "-"
         message = record.getMessage()
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
@@ -45,6 +61,7 @@ class JsonFormatter(logging.Formatter):
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "correlation_id": getattr(record, "correlation_id", "-"),
             "message": record.getMessage(),
         }
         if record.exc_text:
@@ -60,9 +77,12 @@ def setup_logging(
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # warnings go through the handler, and so through redaction
     for noisy in ("httpx", "httpcore", "httpx2", "openai", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -11,7 +11,16 @@ ANSWERS = Counter(
     "supportbot_answers", "Answers completed", ["platform", "backend"], registry=REGISTRY
 )
 ERRORS = Counter(
-    "supportbot_errors", "Questions that ended in an error message", ["platform"], registry=REGISTRY
+    "supportbot_errors",
+    "Questions that ended in an error message, by reason (redis, busy, failed, no_backend, …)",
+    ["platform", "reason"],
+    registry=REGISTRY,
+)
+FALLBACKS = Counter(
+    "supportbot_fallbacks",
+    "Questions a backend passed on to the next one, by that backend and why",
+    ["backend", "reason"],
+    registry=REGISTRY,
 )
 DUPLICATES = Counter(
     "supportbot_duplicate_events", "Re-delivered events ignored", ["platform"], registry=REGISTRY
@@ -30,4 +39,19 @@ FIRST_TOKEN = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
     registry=REGISTRY,
 )
+TOKENS_PER_S = Histogram(
+    "supportbot_decode_tokens_per_second",
+    "Decode speed of each answer after its first token",
+    ["backend"],
+    buckets=(5, 10, 20, 40, 80, 160, 320, 640, 1280),
+    registry=REGISTRY,
+)
 ACTIVE = Gauge("supportbot_active_answers", "Answers being generated now", registry=REGISTRY)
+QUEUE_DEPTH = Gauge(
+    "supportbot_engine_requests",
+    "Requests in the local engine (running or waiting for a batch slot)",
+    registry=REGISTRY,
+)
+GPU_MEMORY = Gauge(
+    "supportbot_gpu_memory_bytes", "GPU memory allocated by the local model", registry=REGISTRY
+)
