@@ -111,8 +111,18 @@ def build_local(settings: Settings) -> LLM:
     )
 
 
-async def build(settings: Settings, *, llm: FallbackLLM | None = None) -> Runtime:
-    """Connect Redis (starting the embedded server when REDIS_URL is unset) and load backends."""
+class StartupError(Exception):
+    """The bot cannot serve as configured; str() is one line for the operator."""
+
+
+async def build(
+    settings: Settings, *, llm: FallbackLLM | None = None, require_backend: bool = False
+) -> Runtime:
+    """Connect Redis (starting the embedded server when REDIS_URL is unset) and load backends.
+
+    With `require_backend` (the Slack and Discord services) the bot refuses to start when no
+    backend can answer, so it never joins a workspace only to apologise for every question.
+    """
     embedded: RedisServer | None = None
     if settings.redis_url is None:
         embedded = RedisServer(settings.data_dir).start()
@@ -124,6 +134,13 @@ async def build(settings: Settings, *, llm: FallbackLLM | None = None) -> Runtim
         await redis.ping()
         llm = llm or build_backends(settings)
         await llm.start()
+        if require_backend and not llm.ready:
+            await llm.aclose()
+            reasons = "; ".join(f"{s.name}: {s.state}" for s in llm.status()) or "none configured"
+            raise StartupError(
+                f"no backend can answer ({reasons}); set LLM_MODEL to a loadable model or "
+                "OPENAI_API_KEY for GPT, and run `supportbot doctor`"
+            )
     except BaseException:
         await redis.aclose()
         if embedded is not None:

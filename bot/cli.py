@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from pydantic import SecretStr
 
+from bot.app import StartupError
 from bot.config import ConfigError, Settings, load_settings
 from bot.ops.logging import setup_logging
 from bot.ops.redis_server import RedisServerError
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(asyncio.run(module.run(settings)))
         print(f"supportbot: `{args.command}` is not available in this version yet", file=sys.stderr)
         return 2
-    except RedisServerError as exc:
+    except (RedisServerError, StartupError) as exc:
         print(f"supportbot: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

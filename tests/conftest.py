@@ -78,4 +78,5 @@ def repo_root() -> Path:
 
 # Fixtures defined in tests/fixtures, registered here for every test.
 from tests.fixtures.fake_openai import fake_openai_fixture  # noqa: E402, F401
+from tests.fixtures.fake_slack import fake_slack_fixture  # noqa: E402, F401
 from tests.fixtures.tiny_exaone import tiny_exaone_dir, tiny_exaone_factory  # noqa: E402, F401

@@ -318,7 +318,7 @@ async def run(settings: Settings) -> int:
     except ConfigError as exc:
         print(f"supportbot: {exc}", file=sys.stderr)
         return 2
-    runtime = await build(settings)
+    runtime = await build(settings, require_backend=True)
     try:
         client = build_client(runtime.service, settings, redis=runtime.redis)
         health = await serve_health(settings.port, _readiness(runtime, client))

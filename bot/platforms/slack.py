@@ -286,7 +286,7 @@ async def run(settings: Settings, *, tuning: Tuning | None = None) -> int:
             print(f"supportbot: {exc}", file=sys.stderr)
             return 1
         logger.info("slack bot user %s in workspace %s", identity.user_id, identity.team_id)
-        runtime = await build(settings)
+        runtime = await build(settings, require_backend=True)
         try:
             door = await SlackFrontDoor.start(settings, runtime, client, identity, tuning=tuning)
             try:

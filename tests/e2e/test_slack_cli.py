@@ -15,15 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
+from bot.conversation import ConversationKey, HistoryStore, Message
 from bot.ops.redis_server import free_port
 from tests.conftest import repo_root
 from tests.fixtures.fake_openai import FakeOpenAI
 from tests.fixtures.fake_slack import (
     SIGNING_SECRET,
+    TEAM,
     FakeSlack,
     event_body,
-    fake_slack_fixture,  # noqa: F401
     mention,
     sign,
 )
@@ -215,3 +217,52 @@ def test_a_rejected_app_token_is_a_clear_message(env, fake_slack):
     [line] = result.stderr.strip().splitlines()[-1:]
     assert line.startswith("supportbot: Slack rejected SLACK_APP_TOKEN (apps.connections.open")
     assert "xapp-1-wrong" not in result.stderr
+
+
+# Lifecycle: the service starts only with a backend that can answer, and SIGTERM in the middle
+# of a streamed answer finishes that answer, keeps it in history, and exits 0.
+
+SLOW_ANSWER = "First part of a slow answer. " * 4 + "The end."
+
+
+async def test_sigterm_during_a_streamed_answer_finishes_it_and_exits_0(
+    env, fake_slack, fake_openai, redis: Redis
+):
+    fake_openai.answer(
+        SLOW_ANSWER, chunks=[w + " " for w in SLOW_ANSWER.split()], chunk_delay_s=0.15
+    )
+    proc = start(env)
+    url = f"http://127.0.0.1:{env['PORT']}"
+    try:
+        wait_until_up(proc, url)
+        body = json.dumps(event_body(mention("<@U0BOT> tell me slowly", ts="1800.000100")))
+        assert post(url, body, {"Content-Type": "application/json", **sign(body)}) == 200
+        # The answer is streaming (the model has been asked and text is on its way)...
+        fake_openai.wait_for(lambda: fake_openai.chat_requests, timeout_s=20)
+        fake_slack.wait_for(lambda: fake_slack.thread("C0GENERAL", "1800.000100"))
+        proc.send_signal(signal.SIGTERM)  # ...when the operator stops the bot.
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "finishing answers" in err
+    final = " ".join(fake_slack.texts("C0GENERAL", "1800.000100"))
+    assert final.split() == SLOW_ANSWER.split()  # the whole answer was delivered, not cut off
+    history = HistoryStore(redis, max_messages=40, ttl_seconds=3600)
+    key = ConversationKey("slack", TEAM, "C0GENERAL")
+    assert await history.read(key) == [
+        Message("user", "tell me slowly"),
+        Message("assistant", SLOW_ANSWER),
+    ]
+
+
+def test_refuses_to_start_when_no_backend_can_answer(env):
+    env = {k: v for k, v in env.items() if not k.startswith("OPENAI_")}
+    proc = start(env)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    lines = [line for line in err.splitlines() if line.startswith("supportbot:")]
+    assert len(lines) == 1 and "no backend can answer" in lines[0]
+    assert "OPENAI_API_KEY" in lines[0] and "Traceback" not in err

@@ -19,7 +19,6 @@ from tests.fixtures.fake_slack import (
     SIGNING_SECRET,
     FakeSlack,
     event_body,
-    fake_slack_fixture,  # noqa: F401
     mention,
     message,
     running_slack_app,

@@ -19,7 +19,6 @@ from bot.platforms.text import split_message
 from tests.fixtures.fake_openai import FakeOpenAI
 from tests.fixtures.fake_slack import (
     FakeSlack,
-    fake_slack_fixture,  # noqa: F401
     mention,
     running_slack_app,
     slack_settings,

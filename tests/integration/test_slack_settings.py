@@ -10,7 +10,6 @@ import pytest
 from tests.fixtures.fake_openai import FakeOpenAI
 from tests.fixtures.fake_slack import (
     FakeSlack,
-    fake_slack_fixture,  # noqa: F401
     mention,
     running_slack_app,
     slack_settings,

@@ -14,7 +14,6 @@ from tests.fixtures.fake_slack import (
     FAST,
     FakeSlack,
     event_body,
-    fake_slack_fixture,  # noqa: F401
     mention,
     slack_settings,
 )
