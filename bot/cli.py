@@ -9,8 +9,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pydantic import SecretStr
-
 from bot.app import StartupError
 from bot.config import ConfigError, Settings, load_settings
 from bot.ops.logging import setup_logging
@@ -36,11 +34,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _secrets(settings: Settings) -> list[str]:
-    values = [getattr(settings, name) for name in type(settings).model_fields]
-    return [v.get_secret_value() for v in values if isinstance(v, SecretStr)]
-
-
 async def _chat(settings: Settings, channel: str) -> int:
     from bot.app import build
     from bot.platforms.console import run_console
@@ -59,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"supportbot: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_format, _secrets(settings))
+    setup_logging(settings.log_format, settings.secret_values())
     try:
         if args.command == "chat":
             return asyncio.run(_chat(settings, args.channel))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -157,6 +158,17 @@ class Settings(BaseSettings):
             max_new_tokens=self.llm_max_new_tokens,
             do_sample=self.llm_do_sample,
         )
+
+    def secret_values(self) -> list[str]:
+        """Every secret's value, for the log redaction filter: each SecretStr setting, and the
+        password inside REDIS_URL on its own (it may be logged apart from the URL)."""
+        values = [getattr(self, name) for name in type(self).model_fields]
+        secrets = [v.get_secret_value() for v in values if isinstance(v, SecretStr)]
+        if self.redis_url is not None:
+            password = urlsplit(self.redis_url.get_secret_value()).password
+            if password:
+                secrets.append(password)
+        return [s for s in secrets if s]
 
     @property
     def slack_admin_ids(self) -> frozenset[str]:
