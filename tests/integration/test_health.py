@@ -1,0 +1,70 @@
+"""/healthz, /readyz and /metrics: status codes and content, over a real HTTP server."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from bot.app import Runtime
+from bot.conversation import ConversationKey
+from bot.ops.health import serve_health
+from bot.ops.redis_server import free_port
+from bot.service import User
+from tests.conftest import make_service
+from tests.support.backends import ScriptedLLM
+
+
+async def fetch(port: int, path: str) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+            return response.status, response.headers["Content-Type"], await response.text()
+
+
+@pytest.fixture
+async def runtime(redis: Redis):
+    service = make_service(redis, ScriptedLLM(), ScriptedLLM(label="gpt"))
+    await service.llm.start()
+    return Runtime(service=service, redis=redis, llm=service.llm)
+
+
+async def test_ready_alive_and_metrics(runtime):
+    port = free_port()
+    runner = await serve_health(port, runtime.readiness, host="127.0.0.1")
+    try:
+        async for _ in runtime.service.ask(ConversationKey("slack", "T", "C"), User("U"), "hi"):
+            pass
+        assert await fetch(port, "/healthz") == (200, "application/json; charset=utf-8",
+                                                 '{"status": "alive"}')  # fmt: skip
+        status, _, body = await fetch(port, "/readyz")
+        assert status == 200 and '"status": "ready"' in body and '"redis": "ok"' in body
+        status, content_type, metrics = await fetch(port, "/metrics")
+        assert status == 200 and content_type.startswith("text/plain")
+        assert 'supportbot_questions_total{platform="slack"}' in metrics
+        assert 'supportbot_answers_total{backend="test:scripted",platform="slack"}' in metrics
+        assert "supportbot_answer_seconds_bucket" in metrics
+        assert "supportbot_first_token_seconds_bucket" in metrics
+        assert "supportbot_engine_requests" in metrics
+    finally:
+        await runner.cleanup()
+
+
+async def test_not_ready_without_a_backend(redis):
+    service = make_service(redis, ScriptedLLM(fail_start="no GPU"), None)
+    await service.llm.start()
+    runtime = Runtime(service=service, redis=redis, llm=service.llm)
+    port = free_port()
+    runner = await serve_health(port, runtime.readiness, host="127.0.0.1")
+    try:
+        status, _, body = await fetch(port, "/readyz")
+        assert status == 503 and '"status": "not ready"' in body and "no GPU" in body
+        assert (await fetch(port, "/healthz"))[0] == 200  # alive, just not ready
+    finally:
+        await runner.cleanup()
+
+
+async def test_not_ready_when_redis_is_unreachable(runtime):
+    runtime.redis = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    ready, checks = await runtime.readiness()
+    assert not ready and checks["redis"].startswith("unreachable")
+    await runtime.redis.aclose()
