@@ -16,9 +16,11 @@ from tests.support.backends import ScriptedLLM
 
 
 async def fetch(port: int, path: str) -> tuple[int, str, str]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}{path}") as response:
-            return response.status, response.headers["Content-Type"], await response.text()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}{path}") as response,
+    ):
+        return response.status, response.headers["Content-Type"], await response.text()
 
 
 @pytest.fixture
