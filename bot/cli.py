@@ -30,7 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--channel", default="terminal", help="conversation name (default: terminal)")
     commands.add_parser("slack", help="run the Slack app")
     commands.add_parser("discord", help="run the Discord bot")
-    commands.add_parser("doctor", help="check configuration and dependencies")
+    doctor = commands.add_parser("doctor", help="check configuration and dependencies")
+    doctor.add_argument(
+        "--download",
+        action="store_true",
+        help="download LLM_MODEL into the Hugging Face cache when it is not there, then load it",
+    )
+    doctor.add_argument("--verbose", action="store_true", help="also show the bot's logs (stderr)")
     return parser
 
 
@@ -47,6 +53,11 @@ async def _chat(settings: Settings, channel: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "doctor":
+        # Imported on demand; doctor reports an invalid configuration as one of its own lines.
+        from bot.ops.doctor import run_doctor
+
+        return run_doctor(download=args.download, verbose=args.verbose)
     try:
         settings = load_settings()
     except ConfigError as exc:

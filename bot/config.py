@@ -6,10 +6,11 @@ Every variable of the contract in ../shared/DESIGN.md is a field here. A few ext
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -165,9 +166,10 @@ class Settings(BaseSettings):
         values = [getattr(self, name) for name in type(self).model_fields]
         secrets = [v.get_secret_value() for v in values if isinstance(v, SecretStr)]
         if self.redis_url is not None:
-            password = urlsplit(self.redis_url.get_secret_value()).password
-            if password:
-                secrets.append(password)
+            with contextlib.suppress(ValueError):  # an unparsable URL has no password to find
+                password = urlsplit(self.redis_url.get_secret_value()).password
+                if password:
+                    secrets += [password, unquote(password)]
         return [s for s in secrets if s]
 
     @property
