@@ -6,7 +6,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bot.config import Settings
 from bot.conversation import HistoryStore
@@ -17,6 +20,8 @@ from bot.sampling import SettingsStore
 from bot.service import SupportService
 
 logger = logging.getLogger(__name__)
+
+REDIS_MAX_CONNECTIONS = 64  # per process; more commands in flight wait for a free connection
 
 
 @dataclass
@@ -111,6 +116,38 @@ def build_local(settings: Settings) -> LLM:
     )
 
 
+def connect_redis(url: str) -> Redis:
+    """The bot's Redis client: it rides out bursts and reconnects by itself after Redis restarts.
+
+    - A burst of questions waits for a free connection (up to 10 s) instead of failing: redis-py's
+      default pool raises "Too many connections" at once past 100 commands in flight.
+    - Pooled connections go stale when Redis restarts, and without retries the first command on
+      each of them fails ("Connection closed by server") although Redis is back. So a command
+      that meets a closed or refused connection is retried on a fresh one, 5 times with
+      exponential backoff and equal jitter: 1.1 to 2.2 s in all, which rides out a restart; a
+      longer outage ends in a RedisError that the service turns into a clear message with an
+      error id. Only connection errors are retried: after a timeout the command may have run,
+      and the turn should fail rather than wait again.
+    - `socket_timeout` bounds a hung server, which would otherwise hold a conversation's turn
+      (and every later question in that channel) forever.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=10,
+        health_check_interval=30,
+        socket_connect_timeout=5,
+        socket_timeout=10,
+        retry=Retry(
+            EqualJitterBackoff(cap=1.0, base=0.04),
+            retries=5,
+            supported_errors=(RedisConnectionError,),
+        ),
+        retry_on_error=[RedisConnectionError],
+    )
+    return Redis.from_pool(pool)
+
+
 class StartupError(Exception):
     """The bot cannot serve as configured; str() is one line for the operator."""
 
@@ -129,7 +166,7 @@ async def build(
         url = embedded.url
     else:
         url = settings.redis_url.get_secret_value()
-    redis = Redis.from_url(url, health_check_interval=30, socket_connect_timeout=5)
+    redis = connect_redis(url)
     try:
         await redis.ping()
         llm = llm or build_backends(settings)

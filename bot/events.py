@@ -5,13 +5,19 @@ time, and several replicas may each get a copy). Before answering, a replica cla
 ids with `SET NX EX`; only the caller whose claim created every key answers. A re-delivery of an
 event that no replica claimed (the first delivery was lost) finds no key and is answered.
 
-Keys are `sb:event:<platform>:<id>` without a hash tag: claims are independent single-key
-commands, so on Redis Cluster they spread over the slots instead of piling onto one.
+Keys are `sb:event:<platform>:<id>`. The ids of one claim are set in one MULTI/EXEC, so two
+racing copies of an event cannot each take a different id (and both stand down). Each claim
+writes a token of its own and reads the key back in the same transaction: when the Redis client
+retries a claim whose first attempt did run (the connection dropped before the reply), the retry
+finds its own token and still wins, instead of taking its own claim for another replica's.
+(The keys carry no hash tag, so on Redis Cluster the ids of one claim would need one in common
+to share a transaction; the bot's client is a single-node one.)
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 
 from redis.asyncio import Redis
@@ -43,13 +49,20 @@ class EventClaims:
 
         Several ids name one event when the platform sends it in more than one form (Slack's
         `app_mention` and `message` for the same message have different event ids but the same
-        channel and ts). All keys are set in one round trip; each `SET NX` is atomic on its own,
-        so of two racing copies exactly one wins a shared id.
+        channel and ts). All keys are set in one transaction (one round trip), so of two racing
+        copies exactly one wins them all.
         """
         if not ids:
             raise ValueError("claim needs at least one id")
-        async with self._redis.pipeline(transaction=False) as pipe:
+        token = f"{self.owner}:{secrets.token_hex(8)}"
+        async with self._redis.pipeline(transaction=True) as pipe:
             for event_id in ids:
-                pipe.set(self.key(platform, event_id), self.owner, nx=True, ex=self.ttl_s)
+                key = self.key(platform, event_id)
+                pipe.set(key, token, nx=True, ex=self.ttl_s)
+                pipe.get(key)
             results = await pipe.execute()
-        return all(bool(result) for result in results)
+        return all(_text(value) == token for value in results[1::2])
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

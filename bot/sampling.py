@@ -49,6 +49,7 @@ COMMAND = "/llm-settings"
 
 _FLOAT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _INT = re.compile(r"[+-]?\d+")
+_MAX_INT_CHARS = 100
 _TRUE = {"true", "on", "yes", "1"}
 _FALSE = {"false", "off", "no", "0"}
 
@@ -81,7 +82,9 @@ def parse_value(key: str, raw: str, max_new_tokens_limit: int) -> SettingValue:
             if math.isfinite(number) and 0 < number <= upper:
                 value = number
     elif key in ("top_k", "max_new_tokens"):
-        if _INT.fullmatch(text):
+        # A number this long is out of range (or zero-padded past reason); and past 4,300
+        # digits int() raises ValueError instead of converting (CPython's guard).
+        if _INT.fullmatch(text) and len(text) <= _MAX_INT_CHARS:
             whole = int(text)
             upper = 1000 if key == "top_k" else max_new_tokens_limit
             if 1 <= whole <= upper:

@@ -71,10 +71,15 @@ def new_error_id() -> str:
 
 
 def clean_question(text: str) -> str:
-    """Drop control characters (keeping newlines and tabs) and lone surrogates; trim."""
+    """Drop control characters (keeping newlines and tabs), replace lone surrogates (which
+    cannot be stored as UTF-8) with `?`, and trim. Text with nothing visible in it (only
+    whitespace and format characters such as zero-width spaces or direction marks) is empty."""
     text = text.encode("utf-8", "replace").decode("utf-8")
     kept = (ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs"))
-    return "".join(kept).strip()[:MAX_QUESTION_CHARS]
+    question = "".join(kept).strip()[:MAX_QUESTION_CHARS]
+    if all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in question):
+        return ""
+    return question
 
 
 class _TurnLocks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -80,3 +81,60 @@ def repo_root() -> Path:
 from tests.fixtures.fake_openai import fake_openai_fixture  # noqa: E402, F401
 from tests.fixtures.fake_slack import fake_slack_fixture  # noqa: E402, F401
 from tests.fixtures.tiny_exaone import tiny_exaone_dir, tiny_exaone_factory  # noqa: E402, F401
+
+# -- The whole-suite secrets scan (tests/support/log_scan.py says what it covers and why) -------
+from tests.support import secrets  # noqa: E402
+from tests.support.log_scan import MARKER, SecretScan  # noqa: E402
+
+_SCAN = SecretScan()
+_EXEMPT: set[str] = set()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{MARKER}: logs a secret deliberately (redaction tests); not scanned"
+    )
+    _SCAN.install()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Fake secrets that test modules define for themselves (API_KEY = "sk-..."), collected ones
+    # included wherever they live.
+    modules = {getattr(item, "module", None) for item in session.items}
+    secrets.harvest(m.__name__ for m in modules if m is not None)
+    secrets.harvest()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    exempt = item.get_closest_marker(MARKER) is not None
+    if exempt:
+        _EXEMPT.add(item.nodeid)
+    _SCAN.begin(item.nodeid, exempt)
+    try:
+        return (yield)
+    finally:
+        _SCAN.end()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # The teardown report carries what the test printed in all three phases.
+    if report.when != "teardown" or report.nodeid in _EXEMPT:
+        return
+    _SCAN.test = report.nodeid
+    _SCAN.check("captured stdout", report.capstdout)
+    _SCAN.check("captured stderr", report.capstderr)
+    _SCAN.test = "-"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _SCAN.uninstall()
+    if _SCAN.leaks and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    lines = list(_SCAN.report())
+    terminalreporter.section("secrets scan", red=bool(_SCAN.leaks), green=not _SCAN.leaks)
+    for line in lines:
+        terminalreporter.write_line(line)

@@ -10,6 +10,10 @@ token (tests check it equals greedy `generate` token for token).
 Tokens arrive on the event loop through `register_result_handler`; text is decoded incrementally
 per request. A bounded number of requests may be in the engine at once: past it, the request
 raises BackendBusy, so the fallback chain sends it to GPT or the user is told how many are ahead.
+
+An error in a generation step (a CUDA out-of-memory, say) fails the requests in the batch and ends
+transformers' generation loop for good; the next request restarts the loop on the same model, so
+one bad step does not take the local model away until the process restarts.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ logger = logging.getLogger(__name__)
 # is not a no-op (temperature 1.0, top_p 1.0), and only existing processors take per-request
 # values; requests always pass their own.
 _CREATION_SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.95}
+# transformers.generation.continuous_batching.utils logs under this name.
+_ENGINE_LOGGER = "ContinuousBatchingLogger"
 
 
 class IncrementalDecoder:
@@ -85,6 +91,25 @@ class _Request:
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
 
 
+def _route_engine_logs() -> None:
+    """Send the engine's log records through the bot's logging like everyone else's.
+
+    transformers gives its continuous-batching logger a stderr handler of its own and stops it
+    from propagating, so its lines (a crash's traceback included) would skip the redaction
+    filter, LOG_FORMAT=json and the correlation id. It does so once, at import, which has
+    happened by now.
+    """
+    engine_logger = logging.getLogger(_ENGINE_LOGGER)
+    engine_logger.handlers.clear()
+    engine_logger.propagate = True
+
+
+def _accepting(manager: Any) -> bool:
+    """Whether the engine's loop is running and taking requests (not dead of an error)."""
+    status = manager.background_thread_status
+    return bool(manager.is_running()) and status.can_accept_new_requests() is None
+
+
 def _drop_handler_later(manager: Any, request_id: str, delay_s: float = 5.0) -> None:
     """Forget a cancelled request's result handler.
 
@@ -116,6 +141,7 @@ class BatchingLocalLLM(LocalLLM):
         self.max_in_flight = max_in_flight
         self._manager: Any = None
         self._in_flight = 0
+        self._revive_lock = asyncio.Lock()
 
     @property
     def in_flight(self) -> int:
@@ -159,6 +185,7 @@ class BatchingLocalLLM(LocalLLM):
         manager = model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=config
         )
+        _route_engine_logs()
         if on_gpu:
             manager.warmup()  # capture CUDA graphs now, not during the first answer
         manager.start()
@@ -179,8 +206,10 @@ class BatchingLocalLLM(LocalLLM):
     ) -> AsyncGenerator[StreamEvent, None]:
         loaded = self._require_loaded()
         manager = self._manager
-        if manager is None or not manager.is_running():
+        if manager is None:
             raise BackendUnavailable(f"{self.name}: the batching engine is not running")
+        if not _accepting(manager):
+            await self._revive(manager)
         if self._in_flight >= self.max_in_flight:
             raise BackendBusy(self._in_flight)
         began = time.monotonic()
@@ -241,6 +270,30 @@ class BatchingLocalLLM(LocalLLM):
                 # The consumer left (channel gone, timeout, shutdown): free the batch slot.
                 manager.cancel_request(request_id)
                 _drop_handler_later(manager, request_id)
+
+    async def _revive(self, manager: Any) -> None:
+        """Restart the generation loop after it died of an error in a step.
+
+        The dead loop has failed its requests already; a new one starts on the same model with
+        its batch processor reset (transformers' own restart path: `start()` after `stop()`).
+        """
+        async with self._revive_lock:
+            if self._manager is not manager:
+                raise BackendUnavailable(f"{self.name}: the batching engine is closed")
+            if _accepting(manager):
+                return  # another request revived it while this one waited
+            error = manager.background_thread_status.fatal_error
+            # The dying thread is only finishing its clean-up; join() forgets it once it ended.
+            await asyncio.to_thread(manager.join, time.perf_counter(), 10.0)
+            if manager.is_running():
+                raise BackendUnavailable(f"{self.name}: the batching engine does not stop")
+            logger.warning(
+                "%s: restarting the batching engine, which stopped after: %s: %s",
+                self.name,
+                type(error).__name__,
+                error,
+            )
+            manager.start()
 
     async def aclose(self) -> None:
         manager, self._manager = self._manager, None

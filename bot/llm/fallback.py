@@ -120,6 +120,7 @@ class FallbackLLM:
         breaker_cooldown_s: float = 30.0,
         stall_timeout_s: float = 120.0,
         overflow_to_fallback: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stall_timeout_s = stall_timeout_s
         self.overflow_to_fallback = overflow_to_fallback
@@ -127,7 +128,8 @@ class FallbackLLM:
         for backend, role in ((primary, "primary"), (fallback, "fallback")):
             if backend is not None:
                 slot = _Slot(backend, role)  # type: ignore[arg-type]
-                slot.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s)
+                # `clock` is the breakers' (tests skip the cooldown with a fake one).
+                slot.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s, clock)
                 self._slots.append(slot)
         self._disabled_reason = disabled_reason
 

@@ -8,7 +8,13 @@ the port's three kinds:
 - `BackendTimeout`: no text within `timeout_s` of the call (retries included), or the connection
   stalled for longer than the read timeout.
 - `BackendFailed`: this request failed but the next may work: 400/422 (e.g. the prompt is too long),
-  429 and 5xx once the SDK's retries are spent, connection errors, malformed or truncated streams.
+  429 and 5xx once the retries are spent, connection errors, malformed or truncated streams.
+
+Retries are ours, not the SDK's, so that every fault before the first text is retried the same way
+and one call never sends more than `max_retries + 1` requests: 408/409/429/5xx (honouring
+Retry-After and x-should-retry), connection errors, a server silent for its share of `timeout_s`,
+and a malformed, cut or unfinished stream. Once text has been yielded nothing is retried: the
+caller would get two answers spliced together.
 
 Messages carry the status code and the server's request id for the logs, never the API key.
 """
@@ -18,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 
 import openai
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
@@ -48,6 +55,20 @@ _CONNECT_TIMEOUT_S = 5.0
 _TOKENS_PER_MESSAGE = 4
 _TOKENS_REPLY_PRIMING = 3
 _MAX_SERVER_MESSAGE = 300
+# Backoff between attempts when the server does not say (as the SDK does it): 0.5 s, 1 s, 2 s, …
+_INITIAL_BACKOFF_S = 0.5
+_MAX_BACKOFF_S = 8.0
+# Statuses worth another attempt (the SDK's list); others are the request's or the key's fault.
+_RETRY_STATUSES = frozenset({408, 409, 429})
+
+
+class _Retryable(Exception):
+    """An attempt failed before any text, in a way that another attempt may not."""
+
+    def __init__(self, error: LLMError, retry_after: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after  # seconds the server asked us to wait, if it said
 
 
 class OpenAIChatLLM:
@@ -132,9 +153,8 @@ class OpenAIChatLLM:
             timeout=openai.Timeout(
                 self._timeout_s, connect=min(_CONNECT_TIMEOUT_S, self._timeout_s)
             ),
-            # The SDK retries 408/409/429/5xx, connection errors and timeouts with backoff,
-            # honouring Retry-After; only the request is retried, never a stream already started.
-            max_retries=self._max_retries,
+            # stream() retries, also what the SDK would not (a silent or malformed stream).
+            max_retries=0,
         )
 
     async def aclose(self) -> None:
@@ -149,8 +169,60 @@ class OpenAIChatLLM:
         if client is None:
             raise BackendUnavailable(f"{self._name}: not started")
         loop = asyncio.get_running_loop()
-        deadline: float | None = loop.time() + self._timeout_s
+        deadline = loop.time() + self._timeout_s
         started = time.perf_counter()
+        attempt = 0
+        while True:
+            # Each attempt may wait its share of what is left of the deadline for the first text,
+            # so a server that hangs on one request still leaves time for the next ones.
+            share = (deadline - loop.time()) / (self._max_retries + 1 - attempt)
+            answered: list[bool] = []  # set once text has been yielded: no retry after that
+            attempt_events = self._attempt(
+                client, messages, sampling, loop.time() + share, started, answered
+            )
+            try:
+                # aclosing: a consumer that stops early closes the HTTP response now.
+                async with contextlib.aclosing(attempt_events) as events:
+                    async for event in events:
+                        yield event
+                return
+            except _Retryable as failed:
+                delay = self._backoff(attempt, failed.retry_after, deadline - loop.time())
+                if answered or attempt >= self._max_retries or delay is None:
+                    raise failed.error from failed.__cause__
+                attempt += 1
+                log.info(
+                    "%s: %s; retrying in %.2fs (retry %d of %d)",
+                    self._name,
+                    failed.error,
+                    delay,
+                    attempt,
+                    self._max_retries,
+                )
+                await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int, retry_after: float | None, remaining: float) -> float | None:
+        """Seconds to wait before the next attempt, or None when no attempt would fit."""
+        attempts_left = self._max_retries - attempt
+        if retry_after is not None and 0 <= retry_after <= 60:
+            # The server's word, unless the deadline comes first: then another try is pointless.
+            return float(retry_after) if retry_after < remaining else None
+        jitter = 1 - 0.25 * random.random()  # noqa: S311 - spreading retries, not cryptography
+        delay = min(_INITIAL_BACKOFF_S * 2.0**attempt, _MAX_BACKOFF_S) * jitter
+        # At most half of what each remaining attempt would get, so the attempts still happen.
+        return min(delay, remaining / (2 * max(attempts_left, 1)))
+
+    async def _attempt(
+        self,
+        client: openai.AsyncOpenAI,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingSettings,
+        attempt_deadline: float,
+        started: float,
+        answered: list[bool],
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """One request: its events, or _Retryable when it failed before any text."""
+        deadline: float | None = attempt_deadline
         first_token_s: float | None = None
         prompt_tokens = completion_tokens = 0
         finish_reason: str | None = None
@@ -181,6 +253,7 @@ class OpenAIChatLLM:
                         if first_token_s is None:
                             first_token_s = time.perf_counter() - started
                             deadline = None  # from here the read timeout guards stalls
+                            answered.append(True)
                         yield Delta(text)
         finally:
             # Also runs when the consumer stops early (aclose): this closes the HTTP response,
@@ -190,7 +263,9 @@ class OpenAIChatLLM:
 
         if finish_reason is None:
             # A clean end of the body without a finish_reason: a proxy or server cut the answer.
-            raise BackendFailed(f"{self._name}: stream ended before the answer was finished")
+            raise _Retryable(
+                BackendFailed(f"{self._name}: stream ended before the answer was finished")
+            )
         if first_token_s is None:
             log.warning("%s answered with no text (finish_reason=%s)", self._name, finish_reason)
         yield Finished(
@@ -233,28 +308,46 @@ class OpenAIChatLLM:
         """Turn SDK and timeout errors into the port's errors, with no API key in the text."""
         try:
             yield
-        except LLMError:
+        except (LLMError, _Retryable):
             raise
         except TimeoutError:
-            raise BackendTimeout(f"{self._name}: no answer within {self._timeout_s:g}s") from None
+            raise _Retryable(
+                BackendTimeout(f"{self._name}: no answer within {self._timeout_s:g}s")
+            ) from None
         except openai.APITimeoutError as err:
-            raise BackendTimeout(
-                f"{self._name}: timed out waiting for the server ({self._timeout_s:g}s)"
+            raise _Retryable(
+                BackendTimeout(
+                    f"{self._name}: timed out waiting for the server ({self._timeout_s:g}s)"
+                )
             ) from err
         except openai.APIStatusError as err:
             # `from None`: the SDK's own exception text quotes the server, which may echo the key.
-            raise self._status_error(err) from None
+            error = self._status_error(err)
+            if self._should_retry(err):
+                raise _Retryable(error, _retry_after(err.response.headers)) from None
+            raise error from None
         except openai.APIConnectionError as err:
             cause = type(err.__cause__).__name__ if err.__cause__ else "unknown"
-            raise BackendFailed(f"{self._name}: connection failed ({cause})") from err
+            raise _Retryable(BackendFailed(f"{self._name}: connection failed ({cause})")) from err
         except openai.APIError as err:  # an error event inside the stream, or a bad payload
-            raise BackendFailed(
-                f"{self._name}: error in stream: {self._server_text(err)}"
+            raise _Retryable(
+                BackendFailed(f"{self._name}: error in stream: {self._server_text(err)}")
             ) from None
         except ValueError as err:  # the SSE data line was not JSON
-            raise BackendFailed(f"{self._name}: malformed stream ({type(err).__name__})") from err
+            raise _Retryable(
+                BackendFailed(f"{self._name}: malformed stream ({type(err).__name__})")
+            ) from err
         except openai.OpenAIError as err:
             raise BackendFailed(f"{self._name}: {type(err).__name__}") from None
+
+    @staticmethod
+    def _should_retry(err: openai.APIStatusError) -> bool:
+        if isinstance(err, openai.RateLimitError) and err.code == "insufficient_quota":
+            return False  # no waiting fixes an empty balance
+        should: str | None = err.response.headers.get("x-should-retry")
+        if should in ("true", "false"):  # OpenAI says so itself on some errors
+            return should == "true"
+        return err.status_code in _RETRY_STATUSES or err.status_code >= 500
 
     def _status_error(self, err: openai.APIStatusError) -> LLMError:
         detail = f"HTTP {err.status_code}"
@@ -283,6 +376,18 @@ class OpenAIChatLLM:
         if self._api_key:
             text = text.replace(self._api_key, "[redacted]")
         return text[:_MAX_SERVER_MESSAGE]
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Retry-After (seconds) or OpenAI's retry-after-ms, when the server sent one."""
+    with contextlib.suppress(TypeError, ValueError):
+        milliseconds = headers.get("retry-after-ms")
+        if milliseconds is not None:
+            return float(milliseconds) / 1000
+        seconds = headers.get("retry-after")
+        if seconds is not None:
+            return float(seconds)
+    return None  # absent, or an HTTP date: our own backoff then
 
 
 def _message_param(message: ChatMessage) -> ChatCompletionMessageParam:

@@ -211,31 +211,57 @@ class SlackBot:
 
     async def _answer(self, question: Question, *, follow_up: bool) -> None:
         key = question.key
-        try:
-            if follow_up and not await self._threads.contains(key):
-                return
-            if not await self._claims.claim(PLATFORM, *question.claim_ids):
-                metrics.DUPLICATES.labels(PLATFORM).inc()
-                logger.info(
-                    "ignoring a duplicate slack %s %s in %s (retry %s)",
-                    question.kind,
-                    question.claim_ids[0],
-                    key.describe(),
-                    question.retry or "none",
-                )
-                return
-            if question.retry:
-                logger.info(
-                    "answering slack re-delivery %s (retry %s) that no replica had taken",
-                    question.claim_ids[0],
-                    question.retry,
-                )
-            if self.service.scope == "thread":
-                await self._threads.mark(key)
-        except RedisError as exc:
-            await self._tell(key, self._failure("couldn't reach my conversation store", key, exc))
+        if follow_up and not await self._answered_in(key):
             return
+        if not await self._claim(question):
+            metrics.DUPLICATES.labels(PLATFORM).inc()
+            logger.info(
+                "ignoring a duplicate slack %s %s in %s (retry %s)",
+                question.kind,
+                question.claim_ids[0],
+                key.describe(),
+                question.retry or "none",
+            )
+            return
+        if question.retry:
+            logger.info(
+                "answering slack re-delivery %s (retry %s) that no replica had taken",
+                question.claim_ids[0],
+                question.retry,
+            )
+        if self.service.scope == "thread":
+            try:
+                await self._threads.mark(key)
+            except RedisError as exc:  # the answer matters more; follow-ups may need a mention
+                logger.warning("could not record thread %s in Redis: %s", key.describe(), exc)
         await self._deliver(question)
+
+    async def _answered_in(self, key: ConversationKey) -> bool:
+        """Whether the bot answered in this thread. Unknown while Redis is down: stay out of it
+        then, rather than post into a thread that may be a human conversation."""
+        try:
+            return await self._threads.contains(key)
+        except RedisError as exc:
+            logger.warning(
+                "not answering a follow-up in %s: Redis is unreachable (%s)", key.describe(), exc
+            )
+            return False
+
+    async def _claim(self, question: Question) -> bool:
+        """True when this replica should answer. Redis down (after the client's retries): answer
+        anyway, as the Discord bot does. Bolt has already acknowledged the event, so Slack will
+        not send it again, and refusing would lose the question; the worst case is a second
+        answer if another copy arrives during the outage. The service then answers, or says that
+        the conversation store is unreachable, with an error id."""
+        try:
+            return await self._claims.claim(PLATFORM, *question.claim_ids)
+        except RedisError as exc:
+            logger.warning(
+                "could not claim slack event %s in Redis (%s); answering without the claim",
+                question.claim_ids[0],
+                exc,
+            )
+            return True
 
     async def _deliver(self, question: Question) -> None:
         key = question.key

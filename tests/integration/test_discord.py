@@ -17,19 +17,22 @@ from typing import Any
 
 import discord
 import pytest
-import simcord
 
 from bot.conversation import ConversationKey, Message
 from bot.llm.base import BackendFailed, ChatMessage, Delta, StreamEvent
-from bot.platforms.discord import SupportBot
 from bot.platforms.discord_stream import displayable, retry_delay
 from bot.platforms.text import split_message
 from bot.sampling import SamplingSettings
 from bot.service import SupportService
 from tests.conftest import DEFAULTS, make_service
+from tests.fixtures.discord_sim import (  # noqa: F401 - fixtures, found by pytest by name
+    INTERVAL,
+    World,
+    admin,
+    simcord_bot_fixture,
+    world_fixture,
+)
 from tests.support.backends import ScriptedLLM
-
-INTERVAL = 0.1  # the bot's least time between writes in a channel (about 1 s in production)
 
 
 @dataclass
@@ -47,59 +50,11 @@ class Trickle(ScriptedLLM):
                 await asyncio.sleep(self.delay_s)
 
 
-@dataclass
-class World:
-    env: simcord.Env
-    bot: SupportBot
-    guild: simcord.GuildHandle
-    channel: simcord.ChannelHandle
-    alice: simcord.MemberActor
-
-    @property
-    def bot_id(self) -> int:
-        assert self.bot.user is not None
-        return self.bot.user.id
-
-    def mention(self, text: str) -> str:
-        return f"<@{self.bot_id}> {text}"
-
-    def answers(self, channel: simcord.ChannelHandle | None = None) -> list[discord.Message]:
-        """The bot's messages in a channel, oldest first."""
-        history = (channel or self.channel).history()
-        return [m for m in history if m.author.id == self.bot_id]
-
-    def key(self, channel: simcord.ChannelHandle | None = None) -> ConversationKey:
-        return ConversationKey("discord", str(self.guild.id), str((channel or self.channel).id))
-
-    def writes(self, method: str) -> list[Any]:
-        """Message writes (POST = new message, PATCH = edit) the bot made."""
-        pattern = re.compile(r"^/channels/\d+/messages(/\d+)?$")
-        return [r for r in self.env.http_requests if r.method == method and pattern.match(r.path)]
-
-    def thread(self, name: str) -> simcord.ChannelHandle:
-        # SimCord has no builder for threads; its backend creates one as Discord would.
-        created = self.env.backend.create_thread(self.channel.id, name, self.alice.id)
-        return simcord.ChannelHandle(self.env, self.guild, created)
-
-
 @pytest.fixture
 async def service(redis: Any, scripted: ScriptedLLM) -> SupportService:
     svc = make_service(redis, scripted)
     await svc.llm.start()
     return svc
-
-
-@pytest.fixture
-def simcord_bot(service: SupportService, redis: Any) -> SupportBot:
-    return SupportBot(service, redis=redis, edit_interval=INTERVAL)
-
-
-@pytest.fixture
-def world(simcord_env: simcord.Env, simcord_bot: SupportBot) -> World:
-    guild = simcord_env.create_guild("Acme")
-    channel = guild.create_text_channel("support")
-    alice = guild.add_member(simcord_env.create_user("alice"))
-    return World(simcord_env, simcord_bot, guild, channel, alice)
 
 
 def fences(text: str) -> int:
@@ -323,13 +278,6 @@ async def test_an_empty_mention_gets_a_hint(world: World, scripted: ScriptedLLM)
 
 
 # -- /llm-settings -------------------------------------------------------------------------
-
-
-def admin(world: World, name: str = "admin") -> simcord.MemberActor:
-    managers = world.guild.create_role(
-        "Managers", permissions=discord.Permissions(manage_guild=True)
-    )
-    return world.guild.add_member(world.env.create_user(name), roles=[managers])
 
 
 async def test_an_admin_changes_the_sampling_of_the_next_answer(

@@ -13,6 +13,10 @@ from pydantic import SecretStr
 from bot.config import Settings
 from bot.ops.logging import REDACTED, new_correlation_id, setup_logging
 
+# These tests hand secrets to logging on purpose to see them redacted; the whole-suite secrets
+# scan (tests/conftest.py) leaves them out.
+pytestmark = pytest.mark.logs_secrets_on_purpose
+
 # A distinct fake value for every secret setting, shaped like the real thing where it has a shape.
 SECRETS = {
     "redis_url": "redis://:hunter2-redis-password@redis.internal:6379/0",
