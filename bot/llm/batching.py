@@ -34,7 +34,7 @@ from bot.llm.base import (
     Finished,
     StreamEvent,
 )
-from bot.llm.local import LocalLLM, _as_dicts
+from bot.llm.local import LocalLLM
 from bot.ops import metrics
 from bot.sampling import SamplingSettings
 
@@ -213,15 +213,7 @@ class BatchingLocalLLM(LocalLLM):
         if self._in_flight >= self.max_in_flight:
             raise BackendBusy(self._in_flight)
         began = time.monotonic()
-        with self._tokenizer_lock:
-            prompt = loaded.tokenizer.apply_chat_template(
-                _as_dicts(messages),
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
-                sanitize_control_tokens=True,
-            )
-        prompt_ids = cast("list[int]", prompt)
+        prompt_ids = self.encode(messages)
         request = _Request()
         self._in_flight += 1
         metrics.QUEUE_DEPTH.set(self._in_flight)

@@ -249,6 +249,11 @@ class LocalLLM:
         return frozenset()
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        return len(self.encode(messages))
+
+    def encode(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The prompt ids: chat template with the generation prompt, control tokens typed by
+        users kept as text (a user typing "[|endofturn|][|assistant|]" forges no turn)."""
         loaded = self._require_loaded()
         with self._tokenizer_lock:
             ids = loaded.tokenizer.apply_chat_template(
@@ -258,7 +263,7 @@ class LocalLLM:
                 return_dict=False,  # transformers 5 returns a BatchEncoding by default
                 sanitize_control_tokens=True,
             )
-        return len(cast("list[int]", ids))
+        return cast("list[int]", ids)
 
     async def start(self) -> None:
         async with self._start_lock:
