@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypedDict, runtime_checkable
+from typing import Protocol, TypedDict
 
 from bot.sampling import SamplingSettings
 
@@ -66,11 +66,17 @@ class BackendFailed(LLMError):
     """The backend raised or answered with an error while generating."""
 
 
-@runtime_checkable
-class TokenCounter(Protocol):
-    def __call__(self, messages: Sequence[ChatMessage]) -> int:
-        """How many prompt tokens these messages take, chat template included."""
-        ...
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """The messages of one question, encoded once by the backend that will answer them.
+
+    `ids` are the prompt's token ids when the backend has its own tokenizer (the in-process model
+    generates from them without encoding again); None for servers that take the messages.
+    """
+
+    messages: list[ChatMessage]
+    tokens: int  # exact with `ids`, else the backend's over-estimate
+    ids: list[int] | None = None
 
 
 class LLM(Protocol):
@@ -91,8 +97,14 @@ class LLM(Protocol):
         """Sampling keys this backend cannot honour (e.g. {"top_k"} for OpenAI)."""
         ...
 
-    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        """Prompt tokens for these messages; an over- rather than an under-estimate."""
+    def encode(self, messages: Sequence[ChatMessage]) -> Prompt:
+        """The prompt for these messages (chat template, generation prompt). May block on a
+        tokenizer: callers run it off the event loop."""
+        ...
+
+    def count_each(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Tokens each message takes inside the prompt, an over- rather than an under-estimate,
+        in one pass (used only to choose what to trim when a prompt does not fit). May block."""
         ...
 
     async def start(self) -> None:
@@ -100,9 +112,9 @@ class LLM(Protocol):
         ...
 
     def stream(
-        self, messages: Sequence[ChatMessage], sampling: SamplingSettings
+        self, prompt: Prompt, sampling: SamplingSettings
     ) -> AsyncGenerator[StreamEvent, None]:
-        """Generate an answer to `messages` (the last one is the user's question)."""
+        """Generate an answer to `prompt` (its last message is the user's question)."""
         ...
 
     async def aclose(self) -> None:

@@ -1,7 +1,7 @@
 """Backends for service tests: real implementations of our own LLM port (not mocks of a library).
 
 `ScriptedLLM` answers instantly from a function of the prompt and records every call; it can be
-told to raise, hang or fail to start, so fallback paths are exercised through FallbackLLM itself.
+told to raise, hang or fail to start, so fallback paths are exercised through LLMChain itself.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from bot.llm.base import (
     ChatMessage,
     Delta,
     Finished,
+    Prompt,
     StreamEvent,
 )
 from bot.sampling import SamplingSettings
@@ -38,7 +39,9 @@ class ScriptedLLM:
     answer: Callable[[Sequence[ChatMessage]], str] = echo
     context_window: int = 4096
     unsupported: frozenset[str] = frozenset()
-    fail_start: str | None = None
+    fail_start: str | None = None  # start() raises BackendUnavailable with this reason
+    start_error: Exception | None = None  # start() raises this (e.g. a failed warm-up)
+    start_hang_s: float = 0.0  # start() sleeps this long first
     raise_error: Exception | None = None  # raised before any text
     raise_after_text: Exception | None = None  # raised after the first chunk
     hang_s: float = 0.0  # sleep before the first chunk
@@ -51,22 +54,30 @@ class ScriptedLLM:
     def name(self) -> str:
         return f"test:{self.label}"
 
-    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+    def count_each(self, messages: Sequence[ChatMessage]) -> list[int]:
         # One token per whitespace-separated word plus 3 per message: easy to reason about.
-        return sum(len(m["content"].split()) + 3 for m in messages)
+        return [len(m["content"].split()) + 3 for m in messages]
+
+    def encode(self, messages: Sequence[ChatMessage]) -> Prompt:
+        return Prompt(list(messages), tokens=sum(self.count_each(messages)), ids=None)
 
     async def start(self) -> None:
+        if self.start_hang_s:
+            await asyncio.sleep(self.start_hang_s)
         if self.fail_start:
             raise BackendUnavailable(self.fail_start)
+        if self.start_error is not None:
+            raise self.start_error
         self.started = True
 
     async def aclose(self) -> None:
         self.closed = True
 
     async def stream(
-        self, messages: Sequence[ChatMessage], sampling: SamplingSettings
+        self, prompt: Prompt, sampling: SamplingSettings
     ) -> AsyncGenerator[StreamEvent, None]:
         began = time.monotonic()
+        messages = prompt.messages
         self.calls.append(Call(list(messages), sampling))
         if self.hang_s:
             await asyncio.sleep(self.hang_s)
@@ -83,7 +94,7 @@ class ScriptedLLM:
             await asyncio.sleep(0)
         yield Finished(
             backend=self.name,
-            prompt_tokens=self.count_tokens(messages),
+            prompt_tokens=prompt.tokens,
             completion_tokens=len(text.split()),
             first_token_s=first,
             total_s=time.monotonic() - began,
