@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from bot.conversation import ConversationKey, HistoryStore, Message
+from bot.conversation import ConversationKey, Message
 from bot.ops.redis_server import free_port
+from bot.store import history_key
 from tests.conftest import repo_root
 from tests.fixtures.fake_openai import FakeOpenAI
 from tests.fixtures.fake_slack import (
@@ -250,9 +251,8 @@ async def test_sigterm_during_a_streamed_answer_finishes_it_and_exits_0(
     assert "finishing answers" in err
     final = " ".join(fake_slack.texts("C0GENERAL", "1800.000100"))
     assert final.split() == SLOW_ANSWER.split()  # the whole answer was delivered, not cut off
-    history = HistoryStore(redis, max_messages=40, ttl_seconds=3600)
     key = ConversationKey("slack", TEAM, "C0GENERAL")
-    assert await history.read(key) == [
+    assert [Message.decode(raw) for raw in await redis.lrange(history_key(key), 0, -1)] == [
         Message("user", "tell me slowly"),
         Message("assistant", SLOW_ANSWER),
     ]

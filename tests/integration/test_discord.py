@@ -20,7 +20,7 @@ import pytest
 
 from bot.conversation import ConversationKey, Message
 from bot.llm.base import BackendFailed, ChatMessage, Delta, StreamEvent
-from bot.platforms.discord_stream import displayable, retry_delay
+from bot.platforms.discord.sink import displayable, retry_delay
 from bot.platforms.text import split_message
 from bot.sampling import SamplingSettings
 from bot.service import SupportService
@@ -78,7 +78,7 @@ async def test_a_mention_is_answered_as_a_reply_without_the_mention(
         "role": "user",
         "content": "How do I reset my password?",
     }
-    assert await service.history.read(world.key()) == [
+    assert await service.store.history(world.key()) == [
         Message("user", "How do I reset my password?"),
         Message("assistant", "echo: How do I reset my password?"),
     ]
@@ -98,7 +98,7 @@ async def test_a_direct_message_is_answered_without_a_mention(
     (answer,) = [m for m in dave.dm_channel.history() if m.author.id == world.bot_id]
     assert answer.content == "echo: Is the API down?"
     key = ConversationKey("discord", "dm", str(dave.dm_channel.id))
-    assert [m.content for m in await service.history.read(key)] == [
+    assert [m.content for m in await service.store.history(key)] == [
         "Is the API down?",
         "echo: Is the API down?",
     ]
@@ -156,7 +156,7 @@ async def test_each_channel_and_each_thread_has_its_own_history(
 
     assert in_support[1:] == ["one in support", "echo: one in support", "two in support"]
     assert in_thread[1:] == ["one in thread", "echo: one in thread", "two in thread"]
-    assert [m.content for m in await service.history.read(world.key(other))] == [
+    assert [m.content for m in await service.store.history(world.key(other))] == [
         "one in random",
         "echo: one in random",
     ]
@@ -307,7 +307,7 @@ async def test_a_plain_member_may_show_but_not_change_settings(
     assert refused.ephemeral and refused.response is not None
     assert "Only settings admins" in refused.response.content
     assert shown.response is not None and "temperature = 0.7 (default)" in shown.response.content
-    assert (await service.channel_settings.get(world.key().channel_tag)).overrides == {}
+    assert (await service.store.channel_settings(world.key())).overrides == {}
     await world.alice.send(world.channel, world.mention("hello"))
     assert scripted.calls[-1].sampling.temperature == DEFAULTS.temperature
 
@@ -319,7 +319,7 @@ async def test_invalid_settings_name_the_range_and_change_nothing(
 
     assert result.response is not None
     assert "top_k" in result.response.content and "1 to 1000" in result.response.content
-    assert (await service.channel_settings.get(world.key().channel_tag)).overrides == {}
+    assert (await service.store.channel_settings(world.key())).overrides == {}
 
 
 @pytest.mark.parametrize("role_spec", ["Support Leads", "@support leads", "ROLE_ID"])

@@ -1,6 +1,6 @@
-"""Wiring `supportbot discord` as an operator configures it: the Runtime from bot.app.build over
-real Redis and the fake OpenAI server, command sync (global or DISCORD_GUILD_ID), sharding, and
-run()'s lifecycle (health server, SIGTERM).
+"""Wiring `supportbot discord` as an operator configures it: the Runtime from
+bot.commands.runtime.build over real Redis and the fake OpenAI server, command sync (global or
+DISCORD_GUILD_ID), sharding, and bot.commands.discord.run()'s lifecycle (health server, SIGTERM).
 
 Only the Discord gateway login of run() is replaced (it needs the network); everything on our
 side of it runs for real.
@@ -19,11 +19,11 @@ import discord
 import pytest
 import simcord
 
-from bot.app import Runtime, build
+from bot.commands import discord as discord_command
+from bot.commands.runtime import Runtime, build
 from bot.config import ConfigError, Settings, load_settings
 from bot.ops.redis_server import RedisServer, free_port
-from bot.platforms import discord as discord_platform
-from bot.platforms.discord import ShardedSupportBot, SupportBot, build_client, shard_config
+from bot.platforms.discord.client import ShardedSupportBot, SupportBot, build_client, shard_config
 from tests.fixtures.fake_openai import FakeOpenAI
 
 OPENAI_KEY = "sk-test-discord-0123456789abcdef"
@@ -67,7 +67,7 @@ async def runtime(settings_for: Any, redis: Any) -> AsyncIterator[Runtime]:
 async def test_an_admin_setting_temperature_changes_the_next_openai_request(
     runtime: Runtime, settings_for: Any, fake_openai: FakeOpenAI
 ) -> None:
-    bot = build_client(runtime.service, settings_for(), redis=runtime.redis, edit_interval=0.05)
+    bot = build_client(runtime.service, settings_for(), edit_interval=0.05)
     async with simcord.run(bot) as env:
         guild = env.create_guild()
         channel = guild.create_text_channel("support")
@@ -182,7 +182,7 @@ async def test_run_serves_health_and_stops_cleanly_on_sigterm(
 
     monkeypatch.setattr(SupportBot, "start", connect)
     monkeypatch.setattr(Runtime, "aclose", aclose)
-    running = asyncio.create_task(discord_platform.run(settings))
+    running = asyncio.create_task(discord_command.run(settings))
     await asyncio.wait_for(started.wait(), 30)
 
     async with aiohttp.ClientSession() as http:
@@ -205,6 +205,6 @@ async def test_run_serves_health_and_stops_cleanly_on_sigterm(
 async def test_run_refuses_to_start_without_a_token(
     settings_for: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert await discord_platform.run(settings_for()) == 2
+    assert await discord_command.run(settings_for()) == 2
     err = capsys.readouterr().err
     assert "DISCORD_TOKEN" in err and len(err.strip().splitlines()) == 1

@@ -6,12 +6,14 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from bot.app import Runtime
+from bot.commands.runtime import Runtime
 from bot.conversation import ConversationKey
+from bot.llm.chain import LLMChain
 from bot.ops.health import serve_health
+from bot.ops.metrics import PrometheusObserver
 from bot.ops.redis_server import free_port
-from bot.service import User
-from tests.conftest import make_service
+from bot.service import SupportService, User
+from tests.conftest import make_store
 from tests.support.backends import ScriptedLLM
 
 
@@ -23,11 +25,19 @@ async def fetch(port: int, path: str) -> tuple[int, str, str]:
         return response.status, response.headers["Content-Type"], await response.text()
 
 
+def wire(redis: Redis, primary: ScriptedLLM, fallback: ScriptedLLM | None) -> Runtime:
+    """A Runtime as build() makes it (metrics observed), over the test's Redis and backends."""
+    store = make_store(redis)
+    llm = LLMChain(primary, fallback)
+    service = SupportService(store=store, llm=llm, persona="p", observer=PrometheusObserver())
+    return Runtime(service=service, store=store, llm=llm)
+
+
 @pytest.fixture
 async def runtime(redis: Redis):
-    service = make_service(redis, ScriptedLLM(), ScriptedLLM(label="gpt"))
-    await service.llm.start()
-    return Runtime(service=service, redis=redis, llm=service.llm)
+    built = wire(redis, ScriptedLLM(), ScriptedLLM(label="gpt"))
+    await built.llm.start()
+    return built
 
 
 async def test_ready_alive_and_metrics(runtime):
@@ -52,9 +62,8 @@ async def test_ready_alive_and_metrics(runtime):
 
 
 async def test_not_ready_without_a_backend(redis):
-    service = make_service(redis, ScriptedLLM(fail_start="no GPU"), None)
-    await service.llm.start()
-    runtime = Runtime(service=service, redis=redis, llm=service.llm)
+    runtime = wire(redis, ScriptedLLM(fail_start="no GPU"), None)
+    await runtime.llm.start()
     port = free_port()
     runner = await serve_health(port, runtime.readiness, host="127.0.0.1")
     try:
@@ -66,7 +75,7 @@ async def test_not_ready_without_a_backend(redis):
 
 
 async def test_not_ready_when_redis_is_unreachable(runtime):
-    runtime.redis = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    runtime.store = make_store(Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1))
     ready, checks = await runtime.readiness()
     assert not ready and checks["redis"].startswith("unreachable")
-    await runtime.redis.aclose()
+    await runtime.store.aclose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml  # type: ignore[import-untyped]  # comes with transformers; no stubs
 
-from bot.platforms.slack import EVENTS_PATH
+from bot.platforms.slack.app import EVENTS_PATH
 from bot.sampling import COMMAND
 from tests.conftest import repo_root
 

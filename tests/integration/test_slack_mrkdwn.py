@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.platforms.slack_mrkdwn import ZWSP, defuse, to_mrkdwn
+from bot.platforms.slack.mrkdwn import ZWSP, defuse, to_mrkdwn
 
 
 @pytest.mark.parametrize(

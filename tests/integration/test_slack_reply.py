@@ -11,10 +11,11 @@ import aiohttp
 import pytest
 
 from bot.llm.base import Delta, Finished
-from bot.platforms.slack import web_client
-from bot.platforms.slack_events import Tuning
-from bot.platforms.slack_mrkdwn import to_mrkdwn
-from bot.platforms.slack_reply import Features, Place, ReplyWriter
+from bot.platforms.frontdoor import ProgressiveMessage
+from bot.platforms.slack.app import web_client
+from bot.platforms.slack.events import Tuning
+from bot.platforms.slack.mrkdwn import to_mrkdwn
+from bot.platforms.slack.sink import Features, Place, SlackSink
 from bot.platforms.text import split_message
 from tests.fixtures.fake_openai import FakeOpenAI
 from tests.fixtures.fake_slack import (
@@ -180,8 +181,10 @@ async def test_a_split_point_that_moves_back_is_corrected(fake_slack):
     async with aiohttp.ClientSession() as session:
         client = web_client(settings, session, tuning())
         place = Place("C0GENERAL", THREAD, "T0TEST", "U0ALICE")
-        writer = ReplyWriter(client, place, Features(), limit=40, interval_s=0.0)
-        await writer.deliver(answer())
+        sink = SlackSink(client, place, Features(), limit=40)
+        message = ProgressiveMessage(sink, interval_s=0.0, where="test")
+        message.begin()
+        await message.deliver(answer())
 
     assert fake_slack.texts("C0GENERAL", THREAD) == ["x" * 20, "y" * 25]
     rewrite = fake_slack.calls_to("chat.update")

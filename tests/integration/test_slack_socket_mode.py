@@ -6,9 +6,9 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from bot.app import build
+from bot.commands.runtime import build
 from bot.ops.redis_server import free_port
-from bot.platforms.slack import SlackFrontDoor, identify, web_client
+from bot.platforms.slack.app import SlackApp, identify, web_client
 from tests.fixtures.fake_openai import FakeOpenAI
 from tests.fixtures.fake_slack import (
     FAST,
@@ -35,9 +35,9 @@ async def test_socket_mode_answers_events_and_commands(
     port = free_port()
     async with aiohttp.ClientSession() as session:
         client = web_client(settings, session, FAST)
-        door = await SlackFrontDoor.start(
-            settings, runtime, client, await identify(client), tuning=FAST, port=port,
-            host="127.0.0.1",
+        door = await SlackApp.start(
+            settings, runtime.service, runtime.readiness, client, await identify(client),
+            tuning=FAST, port=port, host="127.0.0.1",
         )  # fmt: skip
         try:
             await fake_slack.wait_until(lambda: fake_slack.socket_connected)

@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 from redis.asyncio import Redis
 
 from bot.conversation import ConversationKey, Message
-from bot.llm.fallback import FallbackLLM
+from bot.llm.chain import LLMChain
 from bot.ops.redis_server import RedisServer
-from bot.sampling import SettingsStore
 from bot.service import SupportService
+from bot.store import settings_key
 from tests.fixtures.discord_sim import (  # noqa: F401 - fixtures, found by pytest by name
     World,
     admin,
@@ -54,9 +54,9 @@ def log_lines(text: str, since: float) -> list[tuple[str, str]]:
 
 async def untouched(redis: Redis, service: SupportService, key: ConversationKey) -> None:
     """No overrides, no audit entries, and the history that was there."""
-    assert not await redis.exists(SettingsStore.settings_key(key.channel_tag))
-    assert await service.channel_settings.log(key.channel_tag) == []
-    assert [m.content for m in await service.history.read(key)] == ["hello", "echo: hello"]
+    assert not await redis.exists(settings_key(key))
+    assert await service.store.settings_log(key) == []
+    assert [m.content for m in await service.store.history(key)] == ["hello", "echo: hello"]
 
 
 # -- Slack -------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ async def test_slack_settings_admins_audit_log_and_forget(
     )
     backend = ScriptedLLM()
     since = time.time()
-    async with running_slack_app(settings, llm=FallbackLLM(backend, None)) as app:
+    async with running_slack_app(settings, llm=LLMChain(backend, None)) as app:
         service = app.runtime.service
         here, there = (ConversationKey("slack", TEAM, c) for c in ("C0ACCESS", "C0ELSE"))
         for n, key in enumerate((here, there)):
@@ -117,8 +117,8 @@ async def test_slack_settings_admins_audit_log_and_forget(
 
         # Forget: this channel's history goes, the other channel's stays; logged.
         assert await command("forget", "U0BOSS") == "Forgot this channel's conversation history."
-        assert await service.history.read(here) == []
-        assert await service.history.read(there) == [
+        assert await service.store.history(here) == []
+        assert await service.store.history(there) == [
             Message("user", "hello"),
             Message("assistant", "echo: hello"),
         ]
@@ -175,8 +175,8 @@ async def test_discord_manage_server_and_settings_role_audit_log_and_forget(
 
     # Forget: this channel's history goes, the other channel's stays; logged.
     assert await settings(boss, "forget") == "Forgot this channel's conversation history."
-    assert await service.history.read(here) == []
-    assert [m.content for m in await service.history.read(world.key(other))] == [
+    assert await service.store.history(here) == []
+    assert [m.content for m in await service.store.history(world.key(other))] == [
         "hello",
         "echo: hello",
     ]

@@ -19,9 +19,9 @@ import pytest
 
 from bot.conversation import ConversationKey, Message
 from bot.llm.base import Delta, Finished
-from bot.llm.fallback import FallbackLLM
+from bot.llm.chain import LLMChain
 from bot.ops.redis_server import RedisServer
-from bot.platforms.slack_reply import SLACK_TEXT_LIMIT
+from bot.platforms.slack.sink import SLACK_TEXT_LIMIT
 from bot.service import MAX_QUESTION_CHARS, Failure, SupportService, User
 from tests.conftest import make_service
 from tests.fixtures.fake_slack import (
@@ -93,7 +93,7 @@ async def test_hostile_questions_through_the_slack_app(
         fake_slack, redis_url=redis_server.url, openai_url="http://127.0.0.1:9/v1"
     )
     backend = ScriptedLLM(chunk_size=500)
-    async with running_slack_app(settings, llm=FallbackLLM(backend, None)) as app:
+    async with running_slack_app(settings, llm=LLMChain(backend, None)) as app:
         service: SupportService = app.runtime.service
         for n, case in enumerate(CASES):
             channel, ts = (f"D0HOST{n}" if case.dm else f"C0HOST{n}"), f"1700.{n:06d}"
@@ -108,7 +108,7 @@ async def test_hostile_questions_through_the_slack_app(
             await app.settle(n + 1)
 
             replies = [m.text for m in fake_slack.thread(channel, ts)]
-            stored = await service.history.read(ConversationKey("slack", TEAM, channel))
+            stored = await service.store.history(ConversationKey("slack", TEAM, channel))
             if case.stored is None:
                 assert replies == [HINT], case.name
                 assert stored == [], case.name
@@ -127,7 +127,7 @@ async def test_hostile_questions_through_the_slack_app(
         await app.send_event(mention("<@U0BOT> still there?", channel="C0HOST0", ts="1700.9"))
         await app.settle(len(CASES) + 1)
         assert fake_slack.texts("C0HOST0", "1700.9") == ["echo: still there?"]
-        assert app.bot._tasks == set() and service.active_conversations == 0
+        assert app.bot.door.tasks == set() and service.active_conversations == 0
     no_errors(caplog)
 
 
@@ -142,7 +142,7 @@ async def test_hostile_questions_through_the_service(
     for n, case in enumerate(CASES):
         key = ConversationKey("console", "local", f"hostile-{n}")
         events = [event async for event in service.ask(key, user, case.text)]
-        stored = await service.history.read(key)
+        stored = await service.store.history(key)
         if case.stored is None:
             assert events == [Failure(HINT)], case.name
             assert stored == [], case.name

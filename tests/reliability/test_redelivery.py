@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from bot.conversation import ConversationKey
-from bot.llm.fallback import FallbackLLM
+from bot.llm.chain import LLMChain
 from bot.ops import metrics
 from bot.ops.redis_server import RedisServer
-from bot.platforms.slack_events import Tuning
+from bot.platforms.slack.events import Tuning
 from bot.service import SupportService
 from tests.fixtures.fake_slack import (
     TEAM,
@@ -95,15 +95,15 @@ async def test_a_thousand_events_delivered_three_times_to_two_replicas_are_answe
     ]
     ignored_before = duplicates_ignored()
     async with (
-        running_slack_app(settings, llm=FallbackLLM(backends[0], None), tuning=TUNING) as first,
-        running_slack_app(settings, llm=FallbackLLM(backends[1], None), tuning=TUNING) as second,
+        running_slack_app(settings, llm=LLMChain(backends[0], None), tuning=TUNING) as first,
+        running_slack_app(settings, llm=LLMChain(backends[1], None), tuning=TUNING) as second,
     ):
         apps = [first, second]
         await deliver_all(apps, bodies, seed=7)
         await settle(apps, EVENTS * len(DELIVERIES))
         service: SupportService = first.runtime.service
         histories = {
-            channel: await service.history.read(ConversationKey("slack", TEAM, channel))
+            channel: await service.store.history(ConversationKey("slack", TEAM, channel))
             for channel in {where(i)[0] for i in range(EVENTS)}
         }
 

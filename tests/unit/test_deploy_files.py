@@ -24,9 +24,9 @@ from bot.cli import _parser
 from bot.config import Settings
 from bot.ops.health import serve_health
 from bot.ops.redis_server import free_port
-from bot.platforms.discord import DRAIN_TIMEOUT_S as DISCORD_DRAIN_S
-from bot.platforms.slack import EVENTS_PATH
-from bot.platforms.slack_events import Tuning
+from bot.platforms.discord.client import DRAIN_TIMEOUT_S as DISCORD_DRAIN_S
+from bot.platforms.slack.app import EVENTS_PATH
+from bot.platforms.slack.events import Tuning
 from tests.conftest import repo_root
 
 DEPLOY = repo_root() / "deploy"

@@ -1,4 +1,4 @@
-"""`supportbot slack`: the Slack app on slack-bolt's AsyncApp.
+"""The Slack app on slack-bolt's AsyncApp, started by `supportbot slack` (bot.commands.slack).
 
 Socket Mode when SLACK_APP_TOKEN is set (health routes then on their own server on $PORT);
 otherwise HTTP mode on $PORT: events, slash commands and interactivity at `POST /slack/events`
@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import signal
-import sys
-from contextlib import suppress
 
 import aiohttp
 from aiohttp import web
@@ -33,10 +30,10 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.app import Runtime, build
 from bot.config import Settings
 from bot.ops.health import Readiness, add_health_routes, serve_health
-from bot.platforms.slack_events import Identity, SlackBot, Tuning
+from bot.platforms.slack.events import Identity, SlackBot, Tuning
+from bot.service import SupportService
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +201,7 @@ def http_app(app: AsyncApp, readiness: Readiness) -> web.Application:
     return web_app
 
 
-class SlackFrontDoor:
+class SlackApp:
     """The running app in either mode; `stop()` ends intake, then lets answers finish."""
 
     def __init__(
@@ -223,27 +220,20 @@ class SlackFrontDoor:
     async def start(
         cls,
         settings: Settings,
-        runtime: Runtime,
+        service: SupportService,
+        readiness: Readiness,
         client: AsyncWebClient,
         identity: Identity,
         *,
         tuning: Tuning | None = None,
         host: str = LISTEN_HOST,
         port: int | None = None,
-    ) -> SlackFrontDoor:
+    ) -> SlackApp:
         port = settings.port if port is None else port
-        bot = SlackBot(
-            runtime.service,
-            runtime.redis,
-            client,
-            identity,
-            admins=settings.slack_admin_ids,
-            history_ttl_s=settings.history_ttl_seconds,
-            tuning=tuning,
-        )
+        bot = SlackBot(service, client, identity, admins=settings.slack_admin_ids, tuning=tuning)
         if settings.slack_app_token is not None:
             app = bolt_app(bot, signing_secret=None)
-            runner = await serve_health(port, runtime.readiness, host=host)
+            runner = await serve_health(port, readiness, host=host)
             socket = AsyncSocketModeHandler(
                 app, app_token=settings.slack_app_token.get_secret_value(), web_client=client
             )
@@ -257,7 +247,7 @@ class SlackFrontDoor:
             return cls(bot, runner, socket, port)
         assert settings.slack_signing_secret is not None
         app = bolt_app(bot, settings.slack_signing_secret.get_secret_value())
-        runner = web.AppRunner(http_app(app, runtime.readiness), access_log=None)
+        runner = web.AppRunner(http_app(app, readiness), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
         logger.info("slack app listening on port %d (POST %s)", port, EVENTS_PATH)
@@ -268,41 +258,3 @@ class SlackFrontDoor:
             await self._socket.close_async()  # type: ignore[no-untyped-call]
         await self._runner.cleanup()
         await self.bot.drain(drain_timeout_s)
-
-
-async def run(settings: Settings, *, tuning: Tuning | None = None) -> int:
-    problem = check_credentials(settings)
-    if problem is not None:
-        print(f"supportbot: {problem}", file=sys.stderr)
-        return 2
-    stop = _stop_on_signals()
-    async with aiohttp.ClientSession() as session:
-        client = web_client(settings, session, tuning)
-        try:
-            identity = await identify(client)
-            if settings.slack_app_token is not None:
-                await check_app_token(client, settings.slack_app_token.get_secret_value())
-        except StartError as exc:
-            print(f"supportbot: {exc}", file=sys.stderr)
-            return 1
-        logger.info("slack bot user %s in workspace %s", identity.user_id, identity.team_id)
-        runtime = await build(settings, require_backend=True)
-        try:
-            door = await SlackFrontDoor.start(settings, runtime, client, identity, tuning=tuning)
-            try:
-                await stop.wait()
-                logger.info("stopping: finishing answers in flight")
-            finally:
-                await door.stop()
-        finally:
-            await runtime.aclose()
-    return 0
-
-
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with suppress(NotImplementedError):  # platforms without signal handlers in asyncio
-            loop.add_signal_handler(sig, stop.set)
-    return stop

@@ -1,18 +1,19 @@
-"""Showing a streamed answer in Discord: a reply that is edited as text arrives.
+"""The Discord sink of the front door's progressive message: a reply edited as text arrives.
 
 Discord allows about five message writes per five seconds in a channel, so writes are paced per
-channel (`ChannelPacer`), not per message. Text that outgrows one message continues in follow-up
-messages, split with the shared splitter so no message ends inside a code block.
+channel (`ChannelPacer`, which the front door consults through `wait_s()`), not per message. Text
+that outgrows one message continues in follow-up messages, split with the shared splitter so no
+message ends inside a code block. "typing…" shows while the answer is coming.
 
-Reading the model's stream never waits for Discord: at most one write is in flight, text that
-arrives meanwhile is shown by the next write, and a timer shows the last of it when the stream
-pauses. Intermediate writes that fail are skipped; the final text is retried through rate limits,
-server errors and network errors.
+A live write that fails is retried after a back-off (rate limits, server and network errors) or
+given up for good (the message was deleted, no permission); the final text is retried through
+rate limits, server errors and network errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 
@@ -24,6 +25,7 @@ from bot.platforms.text import split_message
 logger = logging.getLogger(__name__)
 
 MESSAGE_LIMIT = 2000  # characters in one Discord message
+TYPING_EVERY_S = 8.0  # Discord shows "typing…" for about 10 s per request
 _FENCE_LINE = re.compile(r"^\s*(```|~~~)", re.MULTILINE)
 
 
@@ -88,11 +90,8 @@ def displayable(text: str, *, final: bool) -> str:
     return text
 
 
-class StreamedReply:
-    """An answer shown as a reply to `source`, growing as text arrives.
-
-    `append()` never waits; `finish()` shows the final text and says whether it was delivered.
-    """
+class DiscordSink:
+    """Implements bot.platforms.frontdoor.Sink: an answer shown as a reply to `source`."""
 
     def __init__(
         self,
@@ -109,98 +108,82 @@ class StreamedReply:
         self._retry_base = retry_base
         self._final_attempts = final_attempts
         self._limit = limit
-        self._parts: list[str] = []
-        self._writing: asyncio.Task[None] | None = None
-        self._later: asyncio.TimerHandle | None = None
+        self._typing: asyncio.Task[None] | None = None
         self._failures = 0
-        self._closed = False  # finishing or cancelled: no more intermediate writes
         self._gave_up = False  # Discord refused for good (message deleted, no permission)
         self.messages: list[discord.Message] = []
         self._shown: list[str] = []
 
-    @property
-    def text(self) -> str:
-        return "".join(self._parts)
+    async def working(self) -> None:
+        await self._type()  # before any text: writes wait for this
+        self._typing = asyncio.create_task(self._keep_typing())
 
-    def append(self, text: str) -> None:
-        self._parts.append(text)
-        self._update()
+    def wait_s(self) -> float:
+        return self._pacer.wait_s(self._channel_id)
 
-    async def finish(self, notice: str = "") -> bool:
-        """Show the whole text (with `notice`, e.g. an error, after it); True once delivered."""
-        self._closed = True
-        self._cancel_timer()
-        if self._writing is not None:
-            await asyncio.gather(self._writing, return_exceptions=True)
-        if notice:
-            self._parts.append(("\n\n" if self.text.strip() else "") + notice)
+    async def show(self, text: str) -> bool:
         if self._gave_up:
-            return False
-        for attempt in range(1, self._final_attempts + 1):
-            await self._pacer.turn(self._channel_id)
-            try:
-                await self._render(displayable(self.text, final=True))
-                return True
-            except Exception as exc:
-                delay = retry_delay(exc, attempt, self._retry_base)
-                if delay is None or attempt == self._final_attempts:
-                    self._log_giving_up(exc, attempt)
-                    return False
-                self._log_retry(exc, delay)
-                self._pacer.back_off(self._channel_id, delay)
-        return False  # pragma: no cover - the loop always returns
-
-    def cancel(self) -> None:
-        self._closed = True
-        self._cancel_timer()
-        if self._writing is not None:
-            self._writing.cancel()
-
-    def _update(self) -> None:
-        """Start a write of the newest text if none is running and the channel has a slot;
-        otherwise make sure one happens when the slot comes."""
-        if self._closed or self._gave_up:
-            return
-        if self._writing is not None and not self._writing.done():
-            return
-        wait = self._pacer.wait_s(self._channel_id)
-        if wait > 0:
-            if self._later is None:
-                loop = asyncio.get_running_loop()
-                self._later = loop.call_later(wait, self._on_timer)
-            return
+            return True
         self._pacer.take(self._channel_id)
-        self._writing = asyncio.create_task(self._write(displayable(self.text, final=False)))
-
-    def _on_timer(self) -> None:
-        self._later = None
-        self._update()
-
-    def _cancel_timer(self) -> None:
-        if self._later is not None:
-            self._later.cancel()
-            self._later = None
-
-    async def _write(self, text: str) -> None:
         try:
-            await self._render(text)
+            await self._render(displayable(text, final=False))
         except Exception as exc:
             self._failures += 1
             delay = retry_delay(exc, self._failures, self._retry_base)
             if delay is None:
                 self._log_giving_up(exc, self._failures)
                 self._gave_up = True
-                return
+                return True
             self._log_retry(exc, delay)
             self._pacer.back_off(self._channel_id, delay)
-        else:
-            self._failures = 0
-        if self._displayed_text_is_behind():
-            self._update()  # text arrived while this write was in flight
+            return False
+        self._failures = 0
+        return True
 
-    def _displayed_text_is_behind(self) -> bool:
-        pages = split_message(displayable(self.text, final=False), self._limit)
-        return pages != self._shown
+    async def finish(self, text: str) -> None:
+        await self._stop_typing()
+        if not self._gave_up:
+            for attempt in range(1, self._final_attempts + 1):
+                await self._pacer.turn(self._channel_id)
+                try:
+                    await self._render(displayable(text, final=True))
+                    return
+                except Exception as exc:
+                    delay = retry_delay(exc, attempt, self._retry_base)
+                    if delay is None or attempt == self._final_attempts:
+                        self._log_giving_up(exc, attempt)
+                        break
+                    self._log_retry(exc, delay)
+                    self._pacer.back_off(self._channel_id, delay)
+        logger.error("the answer in channel %s could not be shown in Discord", self._channel_id)
+
+    async def tell(self, text: str) -> None:
+        try:
+            await self._post(text, first=True)
+        except (discord.HTTPException, OSError, aiohttp.ClientError) as exc:
+            logger.error("could not tell channel %s about a failure: %s",
+                         self._channel_id, _describe(exc))  # fmt: skip
+
+    def cancel(self) -> None:
+        if self._typing is not None:
+            self._typing.cancel()
+
+    async def _type(self) -> None:
+        try:
+            await self._source.channel.typing()
+        except (discord.HTTPException, OSError, aiohttp.ClientError) as exc:
+            logger.debug("typing indicator failed: %s", exc)  # never stops an answer
+
+    async def _keep_typing(self) -> None:
+        while True:
+            await asyncio.sleep(TYPING_EVERY_S)
+            await self._type()
+
+    async def _stop_typing(self) -> None:
+        if self._typing is not None:
+            self._typing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._typing
 
     async def _render(self, text: str) -> None:
         """Make the messages show `text`, touching only the ones whose page changed."""

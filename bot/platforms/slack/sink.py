@@ -1,4 +1,4 @@
-"""One answer delivered into a Slack thread: a working indicator, live text, then the final text.
+"""The Slack sink of the front door's progressive message: one answer in a Slack thread.
 
 Two ways to show text as it is generated, chosen per workspace:
 
@@ -9,22 +9,19 @@ Two ways to show text as it is generated, chosen per workspace:
   mrkdwn). Used where streaming or the status is refused (older plans, Enterprise policies,
   missing scopes); the refusal is remembered for the workspace for a while.
 
-Either way Slack is called at most once per `interval_s` while text arrives (Slack allows about
-one update per second per message), and the final text is always sent, after waiting out any
-429 (the Web API client honours Retry-After). An answer longer than `limit` is split with the
-shared splitter into follow-up messages in the same thread; a split point that moves as the text
-grows is corrected by rewriting the affected message.
+The front door calls `show()` at most once per interval while text arrives (Slack allows about
+one update per second per message) and `finish()` with the final text, which is always sent,
+after waiting out any 429 (the Web API client honours Retry-After). An answer longer than `limit`
+is split with the shared splitter into follow-up messages in the same thread; a split point that
+moves as the text grows is corrected by rewriting the affected message.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import suppress
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 from slack_sdk.errors import SlackApiError, SlackClientError
@@ -32,10 +29,9 @@ from slack_sdk.web.async_chat_stream import AsyncChatStream
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
-from bot.llm.base import Delta
-from bot.platforms.slack_mrkdwn import defuse, to_mrkdwn
+from bot.platforms.slack.mrkdwn import defuse, to_mrkdwn
 from bot.platforms.text import split_message
-from bot.service import AnswerEvent, Failure, new_error_id
+from bot.service import new_error_id
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +97,6 @@ class _Message:
     markdown: bool = False  # made by a stream: rewrites must use markdown_text
 
 
-@dataclass
-class _Answer:
-    text: str = ""
-    notes: list[str] = field(default_factory=list)  # failures and notices, shown after the text
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
 def _ts(response: AsyncSlackResponse | None) -> str | None:
     """The message ts a Web API answer names (a stream's, from start/append/stop)."""
     ts = response.get("ts") if response is not None else None
@@ -121,7 +110,9 @@ def slack_error(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-class ReplyWriter:
+class SlackSink:
+    """Implements bot.platforms.frontdoor.Sink for one thread."""
+
     def __init__(
         self,
         client: AsyncWebClient,
@@ -129,84 +120,39 @@ class ReplyWriter:
         features: Features,
         *,
         limit: int = SLACK_TEXT_LIMIT,
-        interval_s: float = UPDATE_INTERVAL_S,
     ) -> None:
         self._client = client
         self._place = place
         self._features = features
         self._limit = limit
-        self._interval_s = interval_s
-        self._answer = _Answer()
         self._messages: list[_Message] = []
         self._streaming = False
         self._placeholder: str | None = None
 
-    async def deliver(self, events: AsyncIterator[AnswerEvent]) -> None:
-        """Show that we are working, follow the answer as it arrives, then send the final text."""
-        # Generation starts before the indicator call, so Slack's round trip costs no latency.
-        collector = asyncio.create_task(self._collect(events))
-        try:
-            await self._show_working()
-            await self._follow(collector)
-            await collector
-        finally:
-            if not collector.done():
-                collector.cancel()
-                with suppress(asyncio.CancelledError):
-                    await collector
-        await self._show(self._final_text(), final=True)
+    def wait_s(self) -> float:
+        return 0.0  # Slack's limit is per message: the front door's interval keeps to it
 
-    # --- the answer as it arrives ---------------------------------------------------------------
+    async def show(self, text: str) -> bool:
+        await self._show(text, final=False)
+        return True  # a failed live update is not retried: the next one catches up
 
-    async def _collect(self, events: AsyncIterator[AnswerEvent]) -> None:
-        answer = self._answer
+    async def finish(self, text: str) -> None:
+        await self._show(text, final=True)
+
+    async def tell(self, text: str) -> None:
         try:
-            try:
-                async for event in events:
-                    if isinstance(event, Delta):
-                        answer.text += event.text
-                    elif isinstance(event, Failure):
-                        answer.notes.append(event.message)
-                    answer.changed.set()
-            finally:
-                closer = getattr(events, "aclose", None)  # ends the turn now, also if cancelled
-                if closer is not None:
-                    await closer()
-        except Exception:  # a bug below the service: the user still gets a message, not silence
-            error_id = new_error_id()
-            logger.exception("[error_id=%s] answering in %s failed", error_id, self._where())
-            answer.notes.append(
-                f"Sorry, something went wrong while answering. Please try again. "
-                f"(error id: {error_id})"
+            await self._client.chat_postMessage(
+                channel=self._place.channel, thread_ts=self._place.thread_ts, text=text
             )
+        except DELIVERY_ERRORS as exc:
+            logger.error("could not tell %s about a failure: %s", self._where(), slack_error(exc))
 
-    async def _follow(self, collector: asyncio.Task[None]) -> None:
-        """Show the text so far whenever it changed, at most once per interval."""
-        last = -math.inf
-        while not collector.done():
-            changed = asyncio.ensure_future(self._answer.changed.wait())
-            try:
-                await asyncio.wait({collector, changed}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                changed.cancel()
-            wait = last + self._interval_s - time.monotonic()
-            if not collector.done() and wait > 0:
-                await asyncio.wait({collector}, timeout=wait)
-            if collector.done():
-                return
-            self._answer.changed.clear()
-            await self._show(self._answer.text, final=False)
-            last = time.monotonic()
-
-    def _final_text(self) -> str:
-        parts = [self._answer.text.strip(), *self._answer.notes]
-        return "\n\n".join(part for part in parts if part) or (
-            "Sorry, I have no answer to that. Please try rephrasing your question."
-        )
+    def cancel(self) -> None:
+        pass  # an open stream expires on Slack's side
 
     # --- the working indicator ------------------------------------------------------------------
 
-    async def _show_working(self) -> None:
+    async def working(self) -> None:
         team = self._place.team
         if self._features.allows("stream", team) and self._features.allows("status", team):
             try:
@@ -219,9 +165,15 @@ class ReplyWriter:
             except SlackApiError as exc:
                 self._features.refuse("status", team, slack_error(exc))
         if not self._streaming:
-            response = await self._client.chat_postMessage(
-                channel=self._place.channel, thread_ts=self._place.thread_ts, text=PLACEHOLDER
-            )
+            try:
+                response = await self._client.chat_postMessage(
+                    channel=self._place.channel, thread_ts=self._place.thread_ts, text=PLACEHOLDER
+                )
+            except DELIVERY_ERRORS as exc:  # the answer itself may still get through
+                logger.warning(
+                    "slack placeholder in %s failed: %s", self._where(), slack_error(exc)
+                )
+                return
             self._placeholder = str(response["ts"])
 
     # --- showing text ---------------------------------------------------------------------------
