@@ -238,6 +238,41 @@ async def test_the_final_edit_is_retried_until_delivered(
     assert len(world.writes("PATCH")) >= 4 and len(world.writes("POST")) == 1
 
 
+# -- shutdown ------------------------------------------------------------------------------
+
+
+async def test_a_shutdown_during_the_claim_waits_for_that_answer(
+    world: World, service: SupportService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B7: an answer counts as in progress from its first moment, its claim included, so the
+    drain (SIGTERM) waits for it before the runtime (the store, the models) is closed."""
+    claim = service.store.claim
+    drained: list[list[str]] = []  # what the channel showed when the drain returned
+
+    async def stop_now() -> None:
+        await world.bot.drain(grace_s=30)
+        drained.append([m.content for m in world.answers()])
+
+    async def slow_claim(platform: str, *ids: str) -> bool:
+        stopping.append(asyncio.create_task(stop_now()))  # SIGTERM arrives mid-claim...
+        await asyncio.sleep(0.5)  # ...while the claim's round trip is slow
+        return await claim(platform, *ids)
+
+    stopping: list[asyncio.Task[None]] = []
+    monkeypatch.setattr(service.store, "claim", slow_claim)
+    await world.alice.send(world.channel, world.mention("are you there?"))
+    await asyncio.gather(*stopping)
+
+    assert drained == [["echo: are you there?"]]  # the drain waited for the whole answer
+    assert [m.content for m in await service.store.history(world.key())] == [
+        "are you there?",
+        "echo: are you there?",
+    ]
+    # Taking no more questions after that.
+    await world.alice.send(world.channel, world.mention("still there?"))
+    assert len(world.answers()) == 1
+
+
 # -- failures users see --------------------------------------------------------------------
 
 

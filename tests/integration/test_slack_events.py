@@ -9,14 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
 import pytest
 
+from bot.conversation import ConversationKey
 from bot.ops import metrics
+from bot.ops.logging import RedactingFilter
 from tests.fixtures.fake_openai import FakeOpenAI
 from tests.fixtures.fake_slack import (
     BOT_TOKEN,
     SIGNING_SECRET,
+    TEAM,
     FakeSlack,
     event_body,
     mention,
@@ -293,3 +297,54 @@ async def test_logs_never_show_the_token_the_signing_secret_or_the_openai_key(
     assert "Sending a request" in logs  # slack_sdk's debug logging was on, so this means something
     for secret in (BOT_TOKEN, SIGNING_SECRET, config.openai_api_key.get_secret_value()):
         assert secret not in logs
+
+
+async def test_two_mentions_in_a_channel_are_answered_in_arrival_order_whatever_their_claims(
+    settings, fake_slack, monkeypatch
+):
+    """B8: the exactly-once claim runs under the conversation's lock, so a slow claim for the
+    first mention cannot let the second one take the channel's turn first."""
+    async with running_slack_app(settings()) as app:
+        claim = app.runtime.store.claim
+
+        async def claim_first_slowly(platform: str, *ids: str) -> bool:
+            if "C0GENERAL:1700.010100" in ids:
+                await asyncio.sleep(0.3)  # its round trip completes after the second mention's
+            return await claim(platform, *ids)
+
+        monkeypatch.setattr(app.runtime.store, "claim", claim_first_slowly)
+        await app.send_event(mention("<@U0BOT> first", ts="1700.010100"))
+        await app.send_event(mention("<@U0BOT> second", ts="1700.010200"))
+        await app.settle(2)
+
+        stored = await app.runtime.store.history(ConversationKey("slack", TEAM, "C0GENERAL"))
+    assert [m.content for m in stored] == ["first", "echo: first", "second", "echo: second"]
+    assert fake_slack.texts("C0GENERAL", "1700.010100") == ["echo: first"]
+    assert fake_slack.texts("C0GENERAL", "1700.010200") == ["echo: second"]
+
+
+async def test_the_error_line_of_an_undeliverable_answer_has_the_answers_error_id(
+    settings, fake_slack, fake_openai, caplog
+):
+    """B8: the model fails, so the answer is an error message with an id; Slack then refuses
+    every way of showing it. The line that says so carries the same id (the answer's correlation
+    id), so the operator finds the message, the failure and the delivery problem under one id."""
+    caplog.handler.addFilter(RedactingFilter())  # stamps each record with its correlation id
+    fake_openai.fail(500, times=5)
+    fake_slack.streaming = "not_in_channel"
+    fake_slack.fail("chat.postMessage", "not_in_channel", times=2)  # the post, then once more
+    async with running_slack_app(settings()) as app:
+        await app.send_event(mention("<@U0BOT> hello", ts="1700.011100"))
+        await app.settle(1)
+
+    assert fake_slack.thread("C0GENERAL", "1700.011100") == []  # nothing got through
+    meant = fake_slack.calls_to("chat.postMessage")[-1].body["text"]
+    found = re.search(r"error id: (\w+)", meant)
+    assert found, meant
+    error_id = found.group(1)
+    undelivered = [r for r in caplog.records if "could not deliver" in r.getMessage()]
+    assert undelivered and all(f"[error_id={error_id}]" in r.getMessage() for r in undelivered), [
+        r.getMessage() for r in undelivered
+    ]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert {r.correlation_id for r in errors} == {error_id}  # type: ignore[attr-defined]
