@@ -39,6 +39,7 @@ from bot.llm.base import (
     Delta,
     Finished,
     LLMError,
+    Prompt,
     StreamEvent,
 )
 from bot.sampling import SamplingSettings
@@ -122,22 +123,31 @@ class OpenAIChatLLM:
     def unsupported(self) -> frozenset[str]:
         return frozenset() if self._send_top_k else frozenset({"top_k"})
 
-    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        """An upper bound on the prompt tokens, without a tokenizer.
+    def encode(self, messages: Sequence[ChatMessage]) -> Prompt:
+        """The messages as they will be sent, with the estimate of `count_each` (no tokenizer:
+        the server encodes them)."""
+        return Prompt(messages=list(messages), tokens=sum(self.count_each(messages)), ids=None)
+
+    def count_each(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """An upper bound on each message's prompt tokens, without a tokenizer.
 
         OpenAI's tokenizers (cl100k, o200k) and EXAONE's are byte-level BPE: every token stands
         for at least one UTF-8 byte of the text, so a text never takes more tokens than it has
         bytes (one-byte tokens are the worst case). Role and content are counted that way, plus
-        the chat template's special tokens per message and the reply priming. This overestimates
-        (English averages ~4 bytes a token, Korean ~2-3), which only means history is trimmed
-        a little early; underestimating would make the server reject the prompt.
+        the chat template's special tokens per message; the first message also carries the reply
+        priming. This overestimates (English averages ~4 bytes a token, Korean ~2-3), which only
+        means history is trimmed a little early; underestimating would make the server reject
+        the prompt.
         """
-        total = _TOKENS_REPLY_PRIMING
-        for message in messages:
-            total += _TOKENS_PER_MESSAGE
-            total += len(message["role"].encode("utf-8"))
-            total += len(message["content"].encode("utf-8"))
-        return total
+        counts = [
+            _TOKENS_PER_MESSAGE
+            + len(message["role"].encode("utf-8"))
+            + len(message["content"].encode("utf-8"))
+            for message in messages
+        ]
+        if counts:
+            counts[0] += _TOKENS_REPLY_PRIMING
+        return counts
 
     async def start(self) -> None:
         """Build the client. No network call: `supportbot doctor` checks the key separately."""
@@ -163,8 +173,10 @@ class OpenAIChatLLM:
             await client.close()
 
     async def stream(
-        self, messages: Sequence[ChatMessage], sampling: SamplingSettings
+        self, prompt: Prompt, sampling: SamplingSettings
     ) -> AsyncGenerator[StreamEvent, None]:
+        """Sends `prompt.messages` (the server encodes them; `prompt.ids` are not used)."""
+        messages = prompt.messages
         client = self._client
         if client is None:
             raise BackendUnavailable(f"{self._name}: not started")

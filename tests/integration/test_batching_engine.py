@@ -4,18 +4,23 @@ admission control, cancellation and engine failure (correctness, not speed)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
-from bot.llm.base import BackendBusy, ChatMessage, Delta, Finished
-from bot.llm.batching import BatchingLocalLLM, IncrementalDecoder
+from bot.llm.base import BackendBusy, ChatMessage, Delta, Finished, Prompt
+from bot.llm.chain import BackendState, LLMChain
+from bot.llm.engine import BatchingEngine, IncrementalDecoder
 from bot.llm.exaone import load_model_and_tokenizer
-from bot.llm.fallback import FallbackLLM
+from bot.llm.loader import ModelLoader
 from bot.sampling import SamplingSettings
+from tests.integration.test_local_backend import stream_while_the_tokenizer_is_held
 from tests.support.backends import ScriptedLLM
 
 pytestmark = pytest.mark.slow
@@ -28,18 +33,27 @@ GREEDY = SamplingSettings(do_sample=False, max_new_tokens=24)
 HOT = SamplingSettings(temperature=1.8, top_k=400, top_p=1.0, max_new_tokens=24)
 
 
+def batching(model_dir: Path, **options: Any) -> BatchingEngine:
+    return BatchingEngine(ModelLoader(str(model_dir), device="cpu"), **options)
+
+
 @pytest.fixture
-async def engine(tiny_exaone_dir: Path) -> AsyncIterator[BatchingLocalLLM]:
-    llm = BatchingLocalLLM(str(tiny_exaone_dir), device="cpu", max_in_flight=8)
+async def engine(tiny_exaone_dir: Path) -> AsyncIterator[BatchingEngine]:
+    llm = batching(tiny_exaone_dir, max_in_flight=8)
     await llm.start()
     yield llm
     await llm.aclose()
 
 
+async def encoded(llm, messages: Sequence[ChatMessage] = MESSAGES) -> Prompt:
+    """The prompt as the service makes it: encoded once, off the event loop."""
+    return await asyncio.to_thread(llm.encode, messages)
+
+
 async def collect(llm, sampling, messages: Sequence[ChatMessage] = MESSAGES):
     parts: list[str] = []
     finished = None
-    async for event in llm.stream(messages, sampling):
+    async for event in llm.stream(await encoded(llm, messages), sampling):
         if isinstance(event, Delta):
             parts.append(event.text)
         else:
@@ -94,18 +108,19 @@ def test_incremental_decoder_matches_full_decode_on_korean(tiny_exaone_dir):
 
 
 async def test_queue_bound_overflows_to_gpt_or_tells_the_user(tiny_exaone_dir):
-    local = BatchingLocalLLM(str(tiny_exaone_dir), device="cpu", max_in_flight=2)
+    local = batching(tiny_exaone_dir, max_in_flight=2)
     gpt = ScriptedLLM(label="gpt")
-    chain = FallbackLLM(local, gpt)
+    chain = LLMChain(local, gpt)
     await chain.start()
     try:
         slow = SamplingSettings(do_sample=False, max_new_tokens=200)
-        holders = [local.stream(MESSAGES, slow) for _ in range(2)]
+        prompt = await encoded(local)
+        holders = [local.stream(prompt, slow) for _ in range(2)]
         for holder in holders:  # both slots taken and generating
             assert isinstance(await anext(holder), Delta)
         text, done = await collect(chain, GREEDY)
         assert done.backend == "test:gpt" and text.startswith("echo:")
-        assert chain._slots[0].breaker.state == "closed"  # capacity is not a fault
+        assert chain.status()[0].state is BackendState.READY  # capacity is not a fault
         chain.overflow_to_fallback = False
         with pytest.raises(BackendBusy) as info:
             await collect(chain, GREEDY)
@@ -120,11 +135,12 @@ async def test_queue_bound_overflows_to_gpt_or_tells_the_user(tiny_exaone_dir):
 
 
 async def test_a_request_whose_channel_is_gone_is_cancelled(engine):
-    stream = engine.stream(MESSAGES, SamplingSettings(do_sample=False, max_new_tokens=500))
+    prompt = await encoded(engine)
+    stream = engine.stream(prompt, SamplingSettings(do_sample=False, max_new_tokens=500))
     assert isinstance(await anext(stream), Delta)
     await stream.aclose()
     assert engine.in_flight == 0
-    scheduler = engine._manager.batch_processor.scheduler
+    scheduler = engine.manager.batch_processor.scheduler
     for _ in range(100):  # the engine thread drops it at its next step
         if not scheduler.active_requests and not scheduler.waiting_requests:
             break
@@ -135,12 +151,12 @@ async def test_a_request_whose_channel_is_gone_is_cancelled(engine):
 
 
 async def test_engine_failure_moves_waiting_requests_to_gpt(tiny_exaone_dir):
-    local = BatchingLocalLLM(str(tiny_exaone_dir), device="cpu", max_in_flight=8)
+    local = batching(tiny_exaone_dir, max_in_flight=8)
     gpt = ScriptedLLM(label="gpt")
-    chain = FallbackLLM(local, gpt)
+    chain = LLMChain(local, gpt)
     await chain.start()
     try:
-        model = local._require_loaded().model
+        model = local.loaded.model
 
         def out_of_memory(*_args):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -156,13 +172,104 @@ async def test_engine_failure_moves_waiting_requests_to_gpt(tiny_exaone_dir):
 
 
 async def test_no_growth_after_many_requests(engine):
-    router = engine._manager.output_router
+    router = engine.manager.output_router
     for _ in range(3):
         await asyncio.gather(*(collect(engine, GREEDY) for _ in range(6)))
-    stream = engine.stream(MESSAGES, SamplingSettings(do_sample=False, max_new_tokens=500))
+    prompt = await encoded(engine)
+    stream = engine.stream(prompt, SamplingSettings(do_sample=False, max_new_tokens=500))
     await anext(stream)
     await stream.aclose()
     await asyncio.sleep(0.05)
     assert engine.in_flight == 0
     assert router.output_queue.qsize() == 0
     assert len(router.result_handlers) <= 1  # only the cancelled one, dropped a moment later
+
+
+def engine_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "_run_generation_loop" in t.name]
+
+
+async def test_outputs_that_come_before_the_consumer_reads_are_not_lost(engine, tiny_exaone_dir):
+    """B6: the result handler is in place before the request is added. Here registering it
+    blocks for a second (a busy loop, a preempted thread), long enough for the engine to finish
+    the whole answer: with the handler registered after add_request, every output would land in
+    the shared queue and the stream would wait forever."""
+    _, expected = reference_greedy(tiny_exaone_dir, MESSAGES, 8)
+    manager = engine.manager
+    register = manager.register_result_handler
+
+    def slow_register(request_id: str, callback: Any) -> None:
+        time.sleep(1.0)
+        register(request_id, callback)
+
+    manager.register_result_handler = slow_register
+    try:
+        settings = SamplingSettings(do_sample=False, max_new_tokens=8)
+        text, _ = await asyncio.wait_for(collect(engine, settings), 10)
+    finally:
+        del manager.register_result_handler
+    assert text == expected
+    assert manager.output_router.output_queue.qsize() == 0
+
+
+async def test_a_busy_tokenizer_never_blocks_the_event_loop(engine, tiny_exaone_dir):
+    """B5: while another thread holds the tokenizer (encoding a long prompt for the next
+    question, say), streams go on and the loop is never blocked waiting for it."""
+    _, expected = reference_greedy(tiny_exaone_dir, MESSAGES, 8)
+    text, _ = await stream_while_the_tokenizer_is_held(engine, await encoded(engine))
+    assert text == expected
+
+
+async def test_a_prompt_without_ids_is_encoded_off_the_loop(engine, tiny_exaone_dir):
+    # Encoded by GPT (no ids) while the local model's circuit was open, then tried locally.
+    _, expected = reference_greedy(tiny_exaone_dir, MESSAGES, 8)
+    prompt = Prompt(MESSAGES, tokens=0, ids=None)
+    text, _ = await stream_while_the_tokenizer_is_held(engine, prompt, hold_s=0.3)
+    assert text == expected
+
+
+async def test_a_failed_warm_up_leaves_gpt_answering_and_frees_the_engine(
+    tiny_exaone_dir, monkeypatch, caplog
+):
+    """B3: the warm-up answer fails (a CUDA out-of-memory in the first step): start-up goes on
+    with GPT, and the engine's thread is stopped at once."""
+
+    def out_of_memory(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    local, gpt = batching(tiny_exaone_dir), ScriptedLLM(label="gpt")
+    chain = LLMChain(local, gpt)
+    with monkeypatch.context() as patch:
+        patch.setattr(LlamaForCausalLM, "forward", out_of_memory)
+        await chain.start()
+    try:
+        primary, fallback = chain.status()
+        assert primary.state is BackendState.UNAVAILABLE and "out of memory" in primary.detail
+        assert fallback.state is BackendState.READY
+        assert local.manager is None and engine_threads() == []
+        _, done = await collect(chain, GREEDY)
+        assert done.backend == "test:gpt"
+    finally:
+        await chain.aclose()
+
+
+async def test_a_warm_up_slower_than_its_timeout_leaves_gpt_answering(tiny_exaone_dir, monkeypatch):
+    original = LlamaForCausalLM.forward
+
+    def slow_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return original(self, *args, **kwargs)
+
+    local = batching(tiny_exaone_dir, warmup_timeout_s=0.1)
+    chain = LLMChain(local, ScriptedLLM(label="gpt"))
+    with monkeypatch.context() as patch:
+        patch.setattr(LlamaForCausalLM, "forward", slow_forward)
+        began = time.monotonic()
+        await chain.start()
+    try:
+        assert time.monotonic() - began < 5
+        primary = chain.status()[0]
+        assert primary.state is BackendState.UNAVAILABLE and "warm-up" in primary.detail
+        assert engine_threads() == []
+    finally:
+        await chain.aclose()

@@ -56,7 +56,10 @@ async def open_circuit(chain: LLMChain, local: ScriptedLLM, clock: Clock) -> Non
 
 async def test_status_is_typed_and_answering_names_the_backend_that_answers() -> None:
     clock = Clock()
-    local, gpt = ScriptedLLM(label="local"), ScriptedLLM(label="gpt", unsupported={"top_k"})
+    local, gpt = (
+        ScriptedLLM(label="local"),
+        ScriptedLLM(label="gpt", unsupported=frozenset({"top_k"})),
+    )
     chain = LLMChain(Backend(local, 5.0), Backend(gpt, 5.0), clock=clock)
     await chain.start()
 

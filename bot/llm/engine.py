@@ -7,9 +7,11 @@ channel does not wait for nine whole answers. Sampling is per request
 engine always samples and expresses greedy decoding as `top_k=1`, which leaves only the argmax
 token (tests check it equals greedy `generate` token for token).
 
-Tokens arrive on the event loop through `register_result_handler`; text is decoded incrementally
-per request. A bounded number of requests may be in the engine at once: past it, the request
-raises BackendBusy, so the fallback chain sends it to GPT or the user is told how many are ahead.
+Tokens arrive on the event loop through `register_result_handler`, registered before the request
+is added under an id of our own, so no early output can miss it. Text is decoded incrementally per
+request, once per wake-up whatever the number of tokens that arrived. A bounded number of requests
+may be in the engine at once: past it, the request raises BackendBusy, so the chain sends it to
+GPT or the user is told how many are ahead.
 
 An error in a generation step (a CUDA out-of-memory, say) fails the requests in the batch and ends
 transformers' generation loop for good; the next request restarts the loop on the same model, so
@@ -19,22 +21,25 @@ one bad step does not take the local model away until the process restarts.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from bot.llm.base import (
     BackendBusy,
     BackendFailed,
+    BackendTimeout,
     BackendUnavailable,
     ChatMessage,
     Delta,
     Finished,
+    Prompt,
     StreamEvent,
 )
-from bot.llm.local import LocalLLM
+from bot.llm.loader import LoadedModel, Loader, free_memory, open_model
 from bot.ops import metrics
 from bot.sampling import SamplingSettings
 
@@ -84,13 +89,6 @@ class IncrementalDecoder:
         return after[len(before) :] if len(after) > len(before) else ""
 
 
-@dataclass
-class _Request:
-    """One request's results, fed by the engine thread through the event loop."""
-
-    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
-
-
 def _route_engine_logs() -> None:
     """Send the engine's log records through the bot's logging like everyone else's.
 
@@ -131,29 +129,87 @@ def _drop_handler_later(manager: Any, request_id: str, delay_s: float = 5.0) -> 
     entry[1].call_later(delay_s, drop)
 
 
-class BatchingLocalLLM(LocalLLM):
-    """LocalLLM with the continuous-batching engine instead of one generation at a time."""
+def _request_kwargs(sampling: SamplingSettings) -> dict[str, Any]:
+    if not sampling.do_sample:
+        # Greedy: only the argmax token survives top-k=1, whatever the temperature.
+        return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+    return {
+        "temperature": float(sampling.temperature),
+        "top_k": int(sampling.top_k),
+        "top_p": float(sampling.top_p),
+    }
 
-    def __init__(self, model: str, *, max_in_flight: int = 64, **kwargs: Any) -> None:
-        super().__init__(model, **kwargs)
+
+class BatchingEngine:
+    """A loaded causal LM serving every stream from one continuous batch; implements the port.
+
+    `warmup_timeout_s` bounds the warm-up answer in `start()`: an engine that cannot answer it
+    in time is not started (BackendTimeout), and the chain falls back.
+    """
+
+    def __init__(
+        self, loader: Loader, *, max_in_flight: int = 64, warmup_timeout_s: float = 60.0
+    ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if warmup_timeout_s <= 0:
+            raise ValueError("warmup_timeout_s must be positive")
+        self._loader = loader
         self.max_in_flight = max_in_flight
+        self._warmup_timeout_s = warmup_timeout_s
+        self._loaded: LoadedModel | None = None
         self._manager: Any = None
         self._in_flight = 0
+        self._start_lock = asyncio.Lock()
         self._revive_lock = asyncio.Lock()
+        # Request ids are ours, so the result handler is in place before the request exists.
+        self._ids = (f"{uuid.uuid4().hex[:8]}-{n}" for n in itertools.count())
+
+    @property
+    def name(self) -> str:
+        return self._loader.name
+
+    @property
+    def context_window(self) -> int:
+        if self._loader.context_tokens is not None:
+            return self._loader.context_tokens
+        return self.loaded.context_window
+
+    @property
+    def unsupported(self) -> frozenset[str]:
+        return frozenset()
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def loaded(self) -> LoadedModel:
+        """The model, once started (BackendUnavailable before start() and after aclose())."""
+        if self._loaded is None:
+            raise BackendUnavailable(f"{self.name} is not loaded; call start() first")
+        return self._loaded
+
+    @property
+    def manager(self) -> Any:
+        """transformers' ContinuousBatchingManager (None before start() and after aclose())."""
+        return self._manager
+
+    def encode(self, messages: Sequence[ChatMessage]) -> Prompt:
+        return self.loaded.encode(messages)
+
+    def count_each(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return self.loaded.count_each(messages)
+
     async def start(self) -> None:
-        await super().start()
-        if self._manager is None:
-            loop = asyncio.get_running_loop()
+        async with self._start_lock:
+            if self._loaded is None:
+                self._loaded = await open_model(self._loader)
+            if self._manager is not None:
+                return
             began = time.monotonic()
             try:
-                self._manager = await loop.run_in_executor(self._executor, self._start_manager)
+                self._manager = await asyncio.to_thread(self._start_manager, self._loaded)
             except Exception as exc:
                 raise BackendUnavailable(
                     f"{self.name}: the batching engine could not start: {type(exc).__name__}: {exc}"
@@ -161,14 +217,21 @@ class BatchingLocalLLM(LocalLLM):
             logger.info("batching engine ready in %.1fs", time.monotonic() - began)
             # Warm-up: the first user must not pay for cache allocation and kernel selection.
             warm = SamplingSettings(do_sample=False, max_new_tokens=2)
-            async for _ in self.stream([{"role": "user", "content": "warm up"}], warm):
-                pass
+            prompt = await asyncio.to_thread(self.encode, [{"role": "user", "content": "warm up"}])
+            try:
+                async with asyncio.timeout(self._warmup_timeout_s):
+                    async for _ in self.stream(prompt, warm):
+                        pass
+            except TimeoutError:
+                raise BackendTimeout(
+                    f"{self.name}: the warm-up answer took over {self._warmup_timeout_s:g}s"
+                ) from None
 
-    def _start_manager(self) -> Any:
+    @staticmethod
+    def _start_manager(loaded: LoadedModel) -> Any:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        loaded = self._require_loaded()
         on_gpu = loaded.device.startswith("cuda")
         generation = GenerationConfig(  # type: ignore[no-untyped-call]
             do_sample=True,
@@ -191,20 +254,10 @@ class BatchingLocalLLM(LocalLLM):
         manager.start()
         return manager
 
-    def _request_kwargs(self, sampling: SamplingSettings) -> dict[str, Any]:
-        if not sampling.do_sample:
-            # Greedy: only the argmax token survives top-k=1, whatever the temperature.
-            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
-        return {
-            "temperature": float(sampling.temperature),
-            "top_k": int(sampling.top_k),
-            "top_p": float(sampling.top_p),
-        }
-
     async def stream(
-        self, messages: Sequence[ChatMessage], sampling: SamplingSettings
+        self, prompt: Prompt, sampling: SamplingSettings
     ) -> AsyncGenerator[StreamEvent, None]:
-        loaded = self._require_loaded()
+        loaded = self.loaded
         manager = self._manager
         if manager is None:
             raise BackendUnavailable(f"{self.name}: the batching engine is not running")
@@ -213,34 +266,43 @@ class BatchingLocalLLM(LocalLLM):
         if self._in_flight >= self.max_in_flight:
             raise BackendBusy(self._in_flight)
         began = time.monotonic()
-        prompt_ids = self.encode(messages)
-        request = _Request()
         self._in_flight += 1
         metrics.QUEUE_DEPTH.set(self._in_flight)
-        request_id: str | None = None
-        finished = False
+        request_id = next(self._ids)
+        registered = added = finished = False
         try:
-            request_id = manager.add_request(
-                prompt_ids,
+            ids = prompt.ids
+            if ids is None:  # encoded by another backend: encode here, off the loop
+                encoded = await asyncio.to_thread(loaded.encode, prompt.messages)
+                ids = cast("list[int]", encoded.ids)
+            results: asyncio.Queue[Any] = asyncio.Queue()
+            # Before add_request: the engine thread may produce the first output at once.
+            manager.register_result_handler(request_id, results.put_nowait)
+            registered = True
+            accepted = manager.add_request(
+                list(ids),
+                request_id=request_id,
                 max_new_tokens=sampling.max_new_tokens,
                 streaming=True,
                 eos_token_id=loaded.eos_token_ids,
-                **self._request_kwargs(sampling),
+                **_request_kwargs(sampling),
             )
-            if request_id is None:
+            added = accepted is not None
+            if not added:
                 raise BackendUnavailable(f"{self.name}: the engine is not accepting requests")
-            manager.register_result_handler(request_id, request.queue.put_nowait)
             decoder = IncrementalDecoder(loaded.tokenizer)
             first_text_s: float | None = None
             while True:
-                result = await request.queue.get()
-                tokens = list(result.generated_tokens)
+                result = await results.get()
+                # Outputs carry every token so far: decode only the latest one that arrived.
+                while result.error is None and not result.is_finished() and not results.empty():
+                    result = results.get_nowait()
                 if result.error is not None:
                     finished = True
                     raise BackendFailed(f"{self.name}: engine error: {result.error}")
-                done = result.is_finished()
-                with self._tokenizer_lock:
-                    text = decoder.flush(tokens) if done else decoder.push(tokens)
+                tokens = list(result.generated_tokens)
+                done = bool(result.is_finished())
+                text = await self._decode(loaded, decoder, tokens, done)
                 if text:
                     if first_text_s is None:
                         first_text_s = time.monotonic() - began
@@ -249,7 +311,7 @@ class BatchingLocalLLM(LocalLLM):
                     finished = True
                     yield Finished(
                         backend=self.name,
-                        prompt_tokens=len(prompt_ids),
+                        prompt_tokens=len(ids),
                         completion_tokens=len(tokens),
                         first_token_s=first_text_s,
                         total_s=time.monotonic() - began,
@@ -258,10 +320,34 @@ class BatchingLocalLLM(LocalLLM):
         finally:
             self._in_flight -= 1
             metrics.QUEUE_DEPTH.set(self._in_flight)
-            if request_id is not None and not finished:
-                # The consumer left (channel gone, timeout, shutdown): free the batch slot.
-                manager.cancel_request(request_id)
+            if registered and not finished:
+                if added:
+                    # The consumer left (channel gone, timeout, shutdown): free the batch slot.
+                    manager.cancel_request(request_id)
                 _drop_handler_later(manager, request_id)
+
+    @staticmethod
+    async def _decode(
+        loaded: LoadedModel, decoder: IncrementalDecoder, tokens: list[int], done: bool
+    ) -> str:
+        """Decode on the loop when the tokenizer is free (microseconds); when a worker holds it
+        (encoding a long prompt), decode on a thread rather than block the loop waiting."""
+
+        def step() -> str:
+            return decoder.flush(tokens) if done else decoder.push(tokens)
+
+        lock = loaded.tokenizer_lock
+        if lock.acquire(blocking=False):
+            try:
+                return step()
+            finally:
+                lock.release()
+
+        def locked_step() -> str:
+            with lock:
+                return step()
+
+        return await asyncio.to_thread(locked_step)
 
     async def _revive(self, manager: Any) -> None:
         """Restart the generation loop after it died of an error in a step.
@@ -291,4 +377,8 @@ class BatchingLocalLLM(LocalLLM):
         manager, self._manager = self._manager, None
         if manager is not None:
             await asyncio.to_thread(manager.stop, block=True, timeout=30)
-        await super().aclose()
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            device = loaded.device
+            del loaded
+            free_memory(device)
