@@ -126,7 +126,8 @@ class OpenAIChatLLM:
     def encode(self, messages: Sequence[ChatMessage]) -> Prompt:
         """The messages as they will be sent, with the estimate of `count_each` (no tokenizer:
         the server encodes them)."""
-        return Prompt(messages=list(messages), tokens=sum(self.count_each(messages)), ids=None)
+        tokens = sum(self.count_each(messages)) or _TOKENS_REPLY_PRIMING  # the priming at least
+        return Prompt(messages=list(messages), tokens=tokens, ids=None)
 
     def count_each(self, messages: Sequence[ChatMessage]) -> list[int]:
         """An upper bound on each message's prompt tokens, without a tokenizer.

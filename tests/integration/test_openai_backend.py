@@ -68,7 +68,7 @@ async def collect(
     messages: list[ChatMessage] = MESSAGES,
     sampling: SamplingSettings = SAMPLING,
 ) -> tuple[list[Delta], Finished]:
-    events: list[StreamEvent] = [e async for e in llm.stream(messages, sampling)]
+    events: list[StreamEvent] = [e async for e in llm.stream(llm.encode(messages), sampling)]
     deltas = [e for e in events if isinstance(e, Delta)]
     finished = [e for e in events if isinstance(e, Finished)]
     assert len(finished) == 1 and events[-1] is finished[0], events
@@ -227,7 +227,7 @@ async def test_stall_mid_stream_times_out(fake_openai: FakeOpenAI, make_llm) -> 
     received: list[str] = []
     began = time.monotonic()
     with pytest.raises(BackendTimeout):
-        async for event in llm.stream(MESSAGES, SAMPLING):
+        async for event in llm.stream(llm.encode(MESSAGES), SAMPLING):
             if isinstance(event, Delta):
                 received.append(event.text)
     elapsed = time.monotonic() - began
@@ -259,7 +259,7 @@ async def test_stopping_early_closes_the_http_stream(fake_openai: FakeOpenAI, ma
     fake_openai.stall(after_chunks=2)  # the server would wait forever for the consumer
     llm = await make_llm()
 
-    events = llm.stream(MESSAGES, SAMPLING)
+    events = llm.stream(llm.encode(MESSAGES), SAMPLING)
     first = await anext(events)
     assert isinstance(first, Delta)
     await events.aclose()
@@ -322,7 +322,7 @@ def test_fake_serves_models_and_plain_completions_to_the_sync_client(
     assert paths == ["/v1/models", "/v1/chat/completions", "/v1/models"]
 
 
-# --- count_tokens ------------------------------------------------------------------------------
+# --- encode and count_each ----------------------------------------------------------------------
 
 
 @functools.cache
@@ -352,17 +352,34 @@ def _worst_case_tokens(messages: list[ChatMessage]) -> int:
     )
 
 
-def test_count_tokens_is_an_upper_bound_with_korean() -> None:
+def count_tokens(llm: OpenAIChatLLM, messages: list[ChatMessage]) -> int:
+    prompt = llm.encode(messages)
+    assert prompt.messages == messages and prompt.ids is None  # the server encodes them
+    return prompt.tokens
+
+
+def test_encode_is_an_upper_bound_with_korean() -> None:
     llm = OpenAIChatLLM(model="gpt-4o-mini", api_key=API_KEY)
     korean: list[ChatMessage] = [
         {"role": "system", "content": "당신은 친절한 고객 지원 봇입니다."},
         {"role": "user", "content": "비밀번호를 어떻게 재설정하나요? 🙏"},
     ]
-    assert llm.count_tokens(korean) >= _worst_case_tokens(korean)
-    assert llm.count_tokens(MESSAGES) >= _worst_case_tokens(MESSAGES)
+    assert count_tokens(llm, korean) >= _worst_case_tokens(korean)
+    assert count_tokens(llm, MESSAGES) >= _worst_case_tokens(MESSAGES)
     # Korean syllables are 3 UTF-8 bytes each: the estimate counts bytes, not characters.
-    assert llm.count_tokens(korean) > sum(len(m["content"]) for m in korean) * 2
-    assert llm.count_tokens([]) == 3
+    assert count_tokens(llm, korean) > sum(len(m["content"]) for m in korean) * 2
+    assert count_tokens(llm, []) == 3
+    assert sum(llm.count_each(korean)) == count_tokens(llm, korean)
+    assert llm.count_each([]) == []
+
+
+def test_count_each_bounds_every_message_alone() -> None:
+    llm = OpenAIChatLLM(model="gpt-4o-mini", api_key=API_KEY)
+    counts = llm.count_each(MESSAGES)
+    assert len(counts) == len(MESSAGES)
+    for message, count in zip(MESSAGES[1:], counts[1:], strict=True):
+        # Alone, a message has no reply priming (the first message carries it).
+        assert count >= _worst_case_tokens([message]) - 3
 
 
 @settings(max_examples=50, deadline=None)
@@ -370,14 +387,14 @@ def test_count_tokens_is_an_upper_bound_with_korean() -> None:
     contents=st.lists(st.text(max_size=40), max_size=5),
     extra=st.text(min_size=1, max_size=20),
 )
-def test_count_tokens_is_monotonic(contents: list[str], extra: str) -> None:
+def test_encode_is_monotonic(contents: list[str], extra: str) -> None:
     llm = OpenAIChatLLM(model="m", api_key="k")
     messages: list[ChatMessage] = [{"role": "user", "content": c} for c in contents]
-    base = llm.count_tokens(messages)
+    base = count_tokens(llm, messages)
     assert base >= _worst_case_tokens(messages)
     longer: list[ChatMessage] = [*messages, {"role": "assistant", "content": extra}]
-    assert llm.count_tokens(longer) > base
+    assert count_tokens(llm, longer) > base
     if messages:
         last: ChatMessage = {"role": "user", "content": messages[-1]["content"] + extra}
         grown: list[ChatMessage] = [*messages[:-1], last]
-        assert llm.count_tokens(grown) > base
+        assert count_tokens(llm, grown) > base
