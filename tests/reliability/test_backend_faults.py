@@ -1,8 +1,9 @@
 """Backend faults, through SupportService over real Redis, with real backends only: the local model
-(both engines, LocalLLM and the continuous-batching BatchingLocalLLM, on the tiny EXAONE checkpoint)
-raising a CUDA out-of-memory, hanging and failing to load; GPT (OpenAIChatLLM, the real `openai`
-client against the fake server) answering 429, 500, malformed or cut streams and timeouts; both
-down; and recovery through the circuit breaker, whose clock the tests move past the cooldown.
+(both engines, SimpleEngine and the continuous-batching BatchingEngine, on the tiny EXAONE
+checkpoint) raising a CUDA out-of-memory, hanging and failing to load; GPT (OpenAIChatLLM, the
+real `openai` client against the fake server) answering 429, 500, malformed or cut streams and
+timeouts; both down; and recovery through the circuit breaker, whose clock the tests move past
+the cooldown.
 
 Faults in the model are forward hooks on its first decoder layer, so they happen where a real one
 would: inside a forward pass, on the thread that runs the model.
@@ -23,14 +24,16 @@ import pytest
 import torch
 from redis.asyncio import Redis
 
-from bot.conversation import ConversationKey, HistoryStore, Message
+from bot.conversation import ConversationKey, Message
 from bot.llm.base import LLM, Delta, Finished
-from bot.llm.batching import BatchingLocalLLM
-from bot.llm.fallback import FallbackLLM
-from bot.llm.local import LocalLLM
+from bot.llm.chain import Backend, BackendState, LLMChain
+from bot.llm.engine import BatchingEngine
+from bot.llm.loader import ModelLoader
 from bot.llm.openai_chat import OpenAIChatLLM
-from bot.sampling import SamplingSettings, SettingsStore
+from bot.llm.simple_engine import SimpleEngine
+from bot.sampling import SamplingSettings
 from bot.service import AnswerEvent, Failure, SupportService, User
+from bot.store import RedisStore
 from tests.fixtures.fake_openai import FakeOpenAI
 from tests.support import secrets
 
@@ -55,10 +58,14 @@ class Clock:
         return self.now
 
 
-def local_llm(model_dir: Path, engine: str) -> LocalLLM:
+Local = SimpleEngine | BatchingEngine
+
+
+def local_llm(model_dir: Path, engine: str) -> Local:
+    loader = ModelLoader(str(model_dir), device="cpu")
     if engine == "simple":
-        return LocalLLM(str(model_dir), device="cpu")
-    return BatchingLocalLLM(str(model_dir), device="cpu", max_in_flight=8)
+        return SimpleEngine(loader)
+    return BatchingEngine(loader, max_in_flight=8)
 
 
 @pytest.fixture
@@ -77,7 +84,8 @@ def gpt(fake_openai: FakeOpenAI) -> Callable[..., OpenAIChatLLM]:
 
 @pytest.fixture
 async def service(redis: Redis) -> AsyncIterator[Callable[..., Any]]:
-    """`await service(primary, fallback, stall_timeout_s=…, clock=…)`: started; closed after."""
+    """`await service(primary, fallback, stall_timeout_s=…, clock=…)`: started; closed after.
+    `stall_timeout_s` is the primary's; GPT has its own (`fallback_stall_s`)."""
     made: list[SupportService] = []
 
     async def make(
@@ -85,13 +93,20 @@ async def service(redis: Redis) -> AsyncIterator[Callable[..., Any]]:
         fallback: LLM | None,
         *,
         stall_timeout_s: float = 10.0,
+        fallback_stall_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> SupportService:
+        chain = LLMChain(
+            Backend(primary, stall_timeout_s) if primary else None,
+            Backend(fallback, fallback_stall_s) if fallback else None,
+            clock=clock,
+        )
+        store = RedisStore(
+            redis, defaults=DEFAULTS, max_new_tokens_limit=64, max_messages=40, ttl_seconds=3600
+        )
         svc = SupportService(
-            redis=redis,
-            history=HistoryStore(redis, max_messages=40, ttl_seconds=3600),
-            settings=SettingsStore(redis, defaults=DEFAULTS, max_new_tokens_limit=64),
-            llm=FallbackLLM(primary, fallback, stall_timeout_s=stall_timeout_s, clock=clock),
+            store=store,
+            llm=chain,
             persona="You are a support bot.",
         )
         made.append(svc)
@@ -130,17 +145,17 @@ def logged_failure(caplog: pytest.LogCaptureFixture, events: list[AnswerEvent]) 
     return lines[0]
 
 
-def first_layer(llm: LocalLLM) -> torch.nn.Module:
-    model: Any = llm._require_loaded().model
+def first_layer(llm: Local) -> torch.nn.Module:
+    model: Any = llm.loaded.model
     return model.model.layers[0]  # type: ignore[no-any-return]
 
 
 @pytest.fixture
-def forwards() -> Iterator[Callable[[LocalLLM], list[int]]]:
+def forwards() -> Iterator[Callable[[Local], list[int]]]:
     """`count(llm)`: a list whose length is the number of forward passes the model has run."""
     handles: list[Any] = []
 
-    def count(llm: LocalLLM) -> list[int]:
+    def count(llm: Local) -> list[int]:
         calls: list[int] = []
         handles.append(first_layer(llm).register_forward_pre_hook(lambda *_: calls.append(1)))
         return calls
@@ -164,7 +179,8 @@ class RootRecords(logging.Handler):
 
 
 def engine_threads() -> list[threading.Thread]:
-    """The local model's worker (LocalLLM) and generation loop (transformers' engine) threads."""
+    """The local model's worker (SimpleEngine) and generation loop (transformers' engine)
+    threads."""
     return [
         t
         for t in threading.enumerate()
@@ -195,7 +211,7 @@ async def test_cuda_out_of_memory_in_the_local_model_is_answered_by_gpt(
 
     assert backend_of(events) == GPT and text == "echo: Why did the deploy fail?"
     assert len(fake_openai.chat_requests) == 1
-    assert await svc.history.read(KEY) == [
+    assert await svc.store.history(KEY) == [
         Message("user", "Why did the deploy fail?"),
         Message("assistant", "echo: Why did the deploy fail?"),
     ]
@@ -213,7 +229,7 @@ async def test_a_hung_local_model_times_out_to_gpt_and_its_thread_ends(
     engine, tiny_exaone_dir, gpt, service, forwards
 ):
     local = local_llm(tiny_exaone_dir, engine)
-    # The stall timeout guards GPT too: short, but not so short that a busy CI machine trips it.
+    # The local model's stall timeout: short, but not so short that a busy CI machine trips it.
     svc = await service(local, gpt(), stall_timeout_s=1.0)
     passes = forwards(local)
     gate = threading.Event()
@@ -256,8 +272,8 @@ async def test_a_local_model_that_fails_to_load_leaves_gpt_answering(
 
     assert backend_of(events) == GPT and text == "echo: hello"
     primary, fallback = svc.llm.status()
-    assert primary.state.startswith("unavailable") and "EXAONE-3.5-broken" in primary.state
-    assert fallback.state == "ready"
+    assert primary.state is BackendState.UNAVAILABLE and "EXAONE-3.5-broken" in primary.detail
+    assert fallback.state is BackendState.READY
     assert "Answering: openai:gpt-4o-mini" in await svc.settings(KEY, USER, "show")
     assert any("EXAONE-3.5-broken" in r.getMessage() for r in caplog.records)
     await svc.llm.aclose()
@@ -316,7 +332,7 @@ async def test_gpt_faults_are_retried_then_a_clear_message_with_an_id(
         assert first >= 0.2 and second >= 0.2  # Retry-After honoured
     if fault == "500":
         assert 0.3 < first < second  # exponential backoff: ~0.5 s, then ~1 s
-    assert await svc.history.read(KEY) == [Message("user", "Is the API down?")]  # not lost
+    assert await svc.store.history(KEY) == [Message("user", "Is the API down?")]  # not lost
     retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
     assert len(retries) == MAX_RETRIES
 
@@ -331,7 +347,7 @@ async def test_gpt_faults_within_the_retries_are_invisible(fault, gpt, service, 
 
     assert backend_of(events) == GPT and text == "echo: Is the API down?"
     assert len(fake_openai.chat_requests) == MAX_RETRIES + 1
-    history = await svc.history.read(KEY)
+    history = await svc.store.history(KEY)
     assert history[-1] == Message("assistant", "echo: Is the API down?")
 
 
@@ -350,7 +366,7 @@ async def test_a_stream_broken_after_text_is_reported_not_retried(
     assert isinstance(failure, Failure) and "cut off" in failure.message
     assert "malformed stream" in line
     assert len(fake_openai.chat_requests) == 1  # a retry would splice two answers
-    assert await svc.history.read(KEY) == [Message("user", "Tell me everything")]
+    assert await svc.store.history(KEY) == [Message("user", "Tell me everything")]
 
 
 # -- both down, then both back ------------------------------------------------------------------
@@ -377,7 +393,7 @@ async def test_both_down_is_a_clear_message_and_recovery_closes_the_circuit(
                 assert "out of memory" in line and "HTTP 500" in line  # both reasons
                 assert "supportbot doctor" in failure.message
         assert len(fake_openai.chat_requests) == 2 * (MAX_RETRIES + 1)
-        assert await svc.history.read(KEY) == [Message("user", "q1"), Message("user", "q2")]
+        assert await svc.store.history(KEY) == [Message("user", "q1"), Message("user", "q2")]
 
         # Two failures each: both circuits are open, and requests skip the broken backends.
         show = await svc.settings(KEY, USER, "show")
@@ -400,7 +416,7 @@ async def test_both_down_is_a_clear_message_and_recovery_closes_the_circuit(
     for question in ("q5", "q6"):
         events, _ = await ask(svc, question)
         assert backend_of(events).startswith("local:")
-    assert svc.llm.status()[0].state == "ready"
+    assert svc.llm.status()[0].state is BackendState.READY
     assert len(fake_openai.chat_requests) == 2 * (MAX_RETRIES + 1)  # GPT was not needed
 
 
@@ -417,7 +433,7 @@ async def test_circuit_breaker_skips_a_failing_local_model_and_closes_after_a_go
         for question in ("q1", "q2"):  # two failures open the circuit
             events, _ = await ask(svc, question)
             assert backend_of(events) == GPT
-        assert "circuit open" in svc.llm.status()[0].state
+        assert svc.llm.status()[0].state is BackendState.CIRCUIT_OPEN
         tried = len(passes)
 
         events, _ = await ask(svc, "q3")  # open: GPT at once, the local model is skipped
@@ -431,7 +447,7 @@ async def test_circuit_breaker_skips_a_failing_local_model_and_closes_after_a_go
         oom.remove()
     events, _ = await ask(svc, "q5")
     assert backend_of(events).startswith("local:") and len(passes) > tried
-    assert svc.llm.status()[0].state == "ready"
+    assert svc.llm.status()[0].state is BackendState.READY
     events, _ = await ask(svc, "q6")
     assert backend_of(events).startswith("local:")
     assert len(fake_openai.chat_requests) == 4  # q1…q4
