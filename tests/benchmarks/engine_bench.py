@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from bot.llm.base import ChatMessage, Delta, Finished
-from bot.llm.batching import BatchingLocalLLM
+from bot.llm.engine import BatchingEngine
 from bot.llm.exaone import exaone_to_llama_config
-from bot.llm.local import _Loaded
+from bot.llm.loader import LoadedModel
 from bot.sampling import SamplingSettings
 from tests.fixtures.tiny_exaone import (
     EXAONE_3_5_2_4B_CONFIG,
@@ -76,23 +76,30 @@ def build_model(size: str, device: str, dtype: torch.dtype) -> Any:
     return model.to(dtype).eval()
 
 
-class InMemoryEngine(BatchingLocalLLM):
-    """The real engine over a model built in memory instead of loaded from a directory."""
+@dataclass(frozen=True)
+class InMemoryLoader:
+    """A model built in memory instead of loaded from a directory (the engine's Loader)."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: str, **kwargs: Any) -> None:
-        super().__init__("bench", device="cpu" if device == "cpu" else "cuda", **kwargs)
-        self._bench = (model, tokenizer, device)
+    model: Any
+    tokenizer: Any
+    device: str
+    name: str = "local:bench"
+    context_tokens: int | None = None
 
-    def _load(self) -> _Loaded:
-        model, tokenizer, device = self._bench
-        return _Loaded(
-            model=model,
-            tokenizer=tokenizer,
-            device=device,
+    def load(self) -> LoadedModel:
+        return LoadedModel(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            device=self.device,
             eos_token_ids=[-1],  # no end of sequence: fixed-length answers on both sides
             pad_token_id=0,
-            context_window=int(model.config.max_position_embeddings),
+            context_window=int(self.model.config.max_position_embeddings),
         )
+
+
+def in_memory_engine(model: Any, tokenizer: Any, device: str, **kwargs: Any) -> BatchingEngine:
+    """The real engine over a model built in memory."""
+    return BatchingEngine(InMemoryLoader(model, tokenizer, device), **kwargs)
 
 
 def prompt(i: int, words: int) -> list[ChatMessage]:
@@ -114,11 +121,12 @@ class Run:
         return self.tokens / self.seconds
 
 
-async def engine_run(engine: InMemoryEngine, n: int, words: int, new_tokens: int) -> Run:
+async def engine_run(engine: BatchingEngine, n: int, words: int, new_tokens: int) -> Run:
     sampling = SamplingSettings(do_sample=False, max_new_tokens=new_tokens)
 
     async def one(i: int) -> tuple[int, float]:
-        async for event in engine.stream(prompt(i, words), sampling):
+        encoded = await asyncio.to_thread(engine.encode, prompt(i, words))
+        async for event in engine.stream(encoded, sampling):
             if isinstance(event, Finished):
                 return event.completion_tokens, event.first_token_s or 0.0
         raise RuntimeError("stream ended without Finished")
@@ -142,13 +150,14 @@ def pipeline_run(pipe: Any, n: int, words: int, new_tokens: int) -> Run:
     return Run(time.perf_counter() - began, n * new_tokens, [])
 
 
-async def single_stream(engine: InMemoryEngine, words: int, new_tokens: int) -> tuple[float, float]:
+async def single_stream(engine: BatchingEngine, words: int, new_tokens: int) -> tuple[float, float]:
     """Decode tokens/s of one stream (after its first token), and its time to first token."""
     sampling = SamplingSettings(do_sample=False, max_new_tokens=new_tokens)
+    encoded = await asyncio.to_thread(engine.encode, prompt(0, words))
     began = time.perf_counter()
     first = last = None
     count = 0
-    async for event in engine.stream(prompt(0, words), sampling):
+    async for event in engine.stream(encoded, sampling):
         if isinstance(event, Delta):
             now = time.perf_counter()
             first = first or now
@@ -172,14 +181,14 @@ async def main(args: argparse.Namespace) -> None:
     pipe: Any = pipeline("text-generation", model=model, tokenizer=tokenizer)
     pipe(prompt(0, 8), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm it too
 
-    engine = InMemoryEngine(model, tokenizer, device, max_in_flight=1024)
+    engine = in_memory_engine(model, tokenizer, device, max_in_flight=1024)
     try:
         await measure(engine, pipe, args)
     finally:
         await engine.aclose()  # the engine's thread would otherwise keep the process alive
 
 
-async def measure(engine: InMemoryEngine, pipe: Any, args: argparse.Namespace) -> None:
+async def measure(engine: BatchingEngine, pipe: Any, args: argparse.Namespace) -> None:
     began = time.perf_counter()
     await engine.start()  # includes the engine's own warm-up
     print(f"engine start-up incl. warm-up: {time.perf_counter() - began:.1f}s", flush=True)

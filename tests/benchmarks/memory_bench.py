@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from bot.conversation import ConversationKey, HistoryStore, Message
+from bot.conversation import ConversationKey, Message
 from bot.ops.redis_server import RedisServer, free_port
 from bot.sampling import SamplingSettings
-from tests.benchmarks.engine_bench import InMemoryEngine, build_model, prompt, word_tokenizer
+from bot.store import RedisStore
+from tests.benchmarks.engine_bench import build_model, in_memory_engine, prompt, word_tokenizer
 from tests.support.redis_tools import counting_client
 
 
@@ -43,13 +44,14 @@ def engine_memory(device: str) -> float:
 async def engine_part(size: str, device: str, concurrency: int, questions: int) -> None:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = build_model(size, device, dtype)
-    engine = InMemoryEngine(model, word_tokenizer(int(model.config.vocab_size)), device)
+    engine = in_memory_engine(model, word_tokenizer(int(model.config.vocab_size)), device)
     sampling = SamplingSettings(temperature=0.9, top_k=50, top_p=0.9, max_new_tokens=16)
     await engine.start()
     try:
 
         async def answer(i: int) -> None:
-            async for _ in engine.stream(prompt(i, 8 + i % 32), sampling):
+            encoded = await asyncio.to_thread(engine.encode, prompt(i, 8 + i % 32))
+            async for _ in engine.stream(encoded, sampling):
                 pass
 
         async def serve(count: int, start: int) -> None:
@@ -63,7 +65,7 @@ async def engine_part(size: str, device: str, concurrency: int, questions: int) 
         after_10 = engine_memory(device)
         await serve(questions - 10, 10)
         after_all = engine_memory(device)
-        router = engine._manager.output_router
+        router = engine.manager.output_router
         unit = "GPU MiB allocated" if device.startswith("cuda") else "MiB resident"
         print(
             f"engine ({size}, {device}): after 10 questions {after_10:.1f} {unit}, "
@@ -82,7 +84,13 @@ async def redis_part(channels: int) -> None:
         server = RedisServer(Path(data), port=free_port(), persist=False).start()
         redis = counting_client(server.url)
         try:
-            store = HistoryStore(redis, max_messages=40, ttl_seconds=3600)
+            store = RedisStore(
+                redis,
+                defaults=SamplingSettings(),
+                max_new_tokens_limit=4096,
+                max_messages=40,
+                ttl_seconds=3600,
+            )
             keys = [ConversationKey("slack", "T1", f"C{i}") for i in range(channels)]
             base = int((await redis.info("memory"))["used_memory"])
             answer = "Thanks for asking! " * 20  # ~400 characters, a typical short answer
@@ -104,7 +112,7 @@ async def redis_part(channels: int) -> None:
             after_10 = (int((await redis.info("memory"))["used_memory"]) - base) / channels
             await turns(90)
             after_100 = (int((await redis.info("memory"))["used_memory"]) - base) / channels
-            kept = len(await store.read(keys[0]))
+            kept = len(await store.history(keys[0]))
             print(
                 f"redis: {after_10 / 1024:.1f} KiB per channel after 10 turns, "
                 f"{after_100 / 1024:.1f} KiB after 100 turns ({kept} messages kept of 200)"

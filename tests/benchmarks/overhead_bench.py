@@ -16,11 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bot.conversation import ConversationKey, HistoryStore
-from bot.llm.fallback import FallbackLLM
+from bot.conversation import ConversationKey
+from bot.llm.chain import LLMChain
 from bot.ops.redis_server import RedisServer, free_port
-from bot.sampling import SamplingSettings, SettingsStore
+from bot.sampling import SamplingSettings
 from bot.service import SupportService, User
+from bot.store import RedisStore
 from tests.support.backends import ScriptedLLM
 from tests.support.redis_tools import RoundTrips, counting_client
 
@@ -35,14 +36,17 @@ async def run(channels: int, rounds: int) -> None:
         server = RedisServer(Path(data), port=free_port(), persist=False).start()
         redis = counting_client(server.url)
         try:
-            llm = FallbackLLM(ScriptedLLM(chunk_size=1_000), None)
+            llm = LLMChain(ScriptedLLM(chunk_size=1_000), None)
             await llm.start()
+            store = RedisStore(
+                redis,
+                defaults=SamplingSettings(),
+                max_new_tokens_limit=4096,
+                max_messages=40,
+                ttl_seconds=3600,
+            )
             service = SupportService(
-                redis=redis,
-                history=HistoryStore(redis, max_messages=40, ttl_seconds=3600),
-                settings=SettingsStore(
-                    redis, defaults=SamplingSettings(), max_new_tokens_limit=4096
-                ),
+                store=store,
                 llm=llm,
                 persona="You are a support bot.",
             )
