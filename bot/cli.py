@@ -9,15 +9,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from bot.app import StartupError
-from bot.config import ConfigError, Settings, load_settings
+from bot.commands.runtime import StartupError
+from bot.config import ConfigError, load_settings
 from bot.ops.logging import setup_logging
 from bot.ops.redis_server import RedisServerError
 
 logger = logging.getLogger("bot")
 
-# Each platform module exposes `async def run(settings: Settings) -> int`.
-_SERVICES = {"slack": "bot.platforms.slack", "discord": "bot.platforms.discord"}
+# Each service command exposes `async def run(settings: Settings) -> int`.
+_SERVICES = {"slack": "bot.commands.slack", "discord": "bot.commands.discord"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,22 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _chat(settings: Settings, channel: str) -> int:
-    from bot.app import build
-    from bot.platforms.console import run_console
-
-    runtime = await build(settings)
-    try:
-        return await run_console(runtime.service, channel)
-    finally:
-        await runtime.aclose()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "doctor":
         # Imported on demand; doctor reports an invalid configuration as one of its own lines.
-        from bot.ops.doctor import run_doctor
+        from bot.commands.doctor import run_doctor
 
         return run_doctor(download=args.download, verbose=args.verbose)
     try:
@@ -66,7 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.log_format, settings.secret_values())
     try:
         if args.command == "chat":
-            return asyncio.run(_chat(settings, args.channel))
+            from bot.commands import chat
+
+            return asyncio.run(chat.run(settings, args.channel))
         # slack or discord (argparse allows nothing else), imported on demand: `chat` never
         # loads slack-bolt or discord.py.
         module = importlib.import_module(_SERVICES[args.command])

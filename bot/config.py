@@ -12,10 +12,17 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bot.sampling import SamplingSettings
+from bot.sampling import SPECS, SamplingSettings
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, concise support assistant for this team. Answer from what you know, "
@@ -69,12 +76,13 @@ class Settings(BaseSettings):
 
     # Conversation
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    llm_temperature: float = Field(default=0.7, gt=0, le=2)
-    llm_top_k: int = Field(default=50, ge=1, le=1000)
-    llm_top_p: float = Field(default=0.95, gt=0, le=1)
-    llm_max_new_tokens: int = Field(default=512, ge=1)
+    # The sampling defaults: defaults and ranges from the one table, bot.sampling.SPECS.
+    llm_temperature: float = float(SPECS["temperature"].default)
+    llm_top_k: int = int(SPECS["top_k"].default)
+    llm_top_p: float = float(SPECS["top_p"].default)
+    llm_max_new_tokens: int = int(SPECS["max_new_tokens"].default)
     llm_max_new_tokens_limit: int = Field(default=4096, ge=1)  # extension: operator maximum
-    llm_do_sample: bool = True
+    llm_do_sample: bool = bool(SPECS["do_sample"].default)
     history_max_messages: int = Field(default=40, ge=2, le=1000)
     history_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     history_scope: Literal["channel", "thread"] = "channel"
@@ -96,6 +104,14 @@ class Settings(BaseSettings):
     # Operations
     log_format: Literal["text", "json"] = "text"
     port: int = Field(default=3000, ge=1, le=65535)
+
+    @field_validator("llm_temperature", "llm_top_k", "llm_top_p", "llm_do_sample")
+    @classmethod
+    def _sampling(cls, value: float | bool, info: ValidationInfo) -> float | bool:
+        spec = SPECS[str(info.field_name).removeprefix("llm_")]
+        if not spec.accepts(value, limit=0):  # these keys' ranges do not depend on the limit
+            raise ValueError(f"must be {spec.valid_range(0)}")
+        return value
 
     @field_validator("llm_device")
     @classmethod
@@ -137,6 +153,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _max_new_tokens_within_limit(self) -> Settings:
+        if self.llm_max_new_tokens < 1:
+            raise ValueError("LLM_MAX_NEW_TOKENS must be at least 1")
         if self.llm_max_new_tokens > self.llm_max_new_tokens_limit:
             raise ValueError(
                 f"LLM_MAX_NEW_TOKENS ({self.llm_max_new_tokens}) must not exceed "

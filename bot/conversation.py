@@ -1,20 +1,20 @@
-"""Conversations: whose history a message joins, and the Redis store that keeps it.
+"""Conversations as values, and the one interface through which the core keeps them.
 
-Keys carry a Redis Cluster hash tag, `{platform:workspace:channel}`, so a channel's history,
-its thread histories and its settings live in one slot and can share a transaction.
+`Store` is what the service and the front door need from storage; bot.store implements it over
+Redis. Keys carry a Redis Cluster hash tag, `{platform:workspace:channel}`, so a channel's
+history, its thread histories and its settings live in one slot and can share a transaction.
+This module is pure: no Redis client.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, cast
-
-from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
+from typing import Literal, Protocol, cast
 
 from bot.llm.base import ChatMessage
+from bot.sampling import AuditEntry, ChannelSettings, SamplingSettings, SettingValue
 
 Role = Literal["system", "user", "assistant"]
 HistoryScope = Literal["channel", "thread"]
@@ -62,67 +62,67 @@ class Message:
         return Message(role=cast(Role, data["role"]), content=str(data["content"]))
 
 
-def history_key(key: ConversationKey) -> str:
-    suffix = f":{key.thread}" if key.thread else ""
-    return f"sb:{key.channel_tag}:history{suffix}"
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """What a question's turn starts from: the channel's settings and the history before it."""
+
+    settings: ChannelSettings
+    history: list[Message]
 
 
-class HistoryStore:
-    """Role/content history per conversation: bounded, expiring after silence, one round trip
-    per read and per write (each a MULTI/EXEC pipeline)."""
-
-    def __init__(self, redis: Redis, *, max_messages: int, ttl_seconds: int) -> None:
-        self._redis = redis
-        self.max_messages = max_messages
-        self.ttl_seconds = ttl_seconds
-
-    async def read(self, key: ConversationKey) -> list[Message]:
-        raw = await self._redis.lrange(history_key(key), 0, -1)
-        return self.decode_list(raw)
-
-    async def append(self, key: ConversationKey, *messages: Message) -> None:
-        await self._push(key, messages, read_back=False)
-
-    async def append_and_read(self, key: ConversationKey, message: Message) -> list[Message]:
-        """Store `message` and return the history before it, in one round trip.
-
-        The question is stored as soon as its turn starts, so a failed generation never loses it.
-        """
-        history = await self._push(key, (message,), read_back=True)
-        return history[:-1]
-
-    async def forget(self, key: ConversationKey) -> int:
-        """Delete the channel's history and every thread history under it; returns keys removed."""
-        pattern = f"sb:{_escape_glob(key.channel_tag)}:history*"
-        keys = [k async for k in self._redis.scan_iter(match=pattern, count=500)]
-        if not keys:
-            return 0
-        return int(await self._redis.delete(*keys))
-
-    def queue_push(
-        self, pipe: Pipeline, key: ConversationKey, messages: Sequence[Message], *, read_back: bool
-    ) -> None:
-        """Queue an append (and optionally a read of the whole list) on a caller's pipeline,
-        so a caller can fold other reads of the same channel into the same round trip."""
-        name = history_key(key)
-        pipe.rpush(name, *(m.encode() for m in messages))
-        pipe.ltrim(name, -self.max_messages, -1)
-        pipe.expire(name, self.ttl_seconds)
-        if read_back:
-            pipe.lrange(name, 0, -1)
-
-    @staticmethod
-    def decode_list(raw: Sequence[bytes | str]) -> list[Message]:
-        return [Message.decode(item) for item in raw]
-
-    async def _push(
-        self, key: ConversationKey, messages: Sequence[Message], *, read_back: bool
-    ) -> list[Message]:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            self.queue_push(pipe, key, messages, read_back=read_back)
-            results = await pipe.execute()
-        return self.decode_list(results[-1]) if read_back else []
+class StoreError(Exception):
+    """The store could not be reached or refused a command; the message is for logs."""
 
 
-def _escape_glob(text: str) -> str:
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+class Store(Protocol):
+    """Everything the core keeps: conversations, channel settings and their log, event claims.
+
+    Every method raises StoreError when storage fails.
+    """
+
+    @property
+    def defaults(self) -> SamplingSettings: ...
+
+    @property
+    def max_new_tokens_limit(self) -> int: ...
+
+    async def start_turn(self, key: ConversationKey, question: Message) -> Turn:
+        """Store the question and read the settings and the history before it: one round trip
+        (so a failed answer never loses the question)."""
+        ...
+
+    async def finish_turn(self, key: ConversationKey, answer: Message) -> None: ...
+
+    async def history(self, key: ConversationKey) -> list[Message]:
+        """The stored history of a conversation (operators, tests)."""
+        ...
+
+    async def withdraw(self, key: ConversationKey, question: Message) -> None:
+        """Take back a question that was refused before any backend saw it."""
+        ...
+
+    async def channel_settings(self, key: ConversationKey) -> ChannelSettings: ...
+
+    async def change_settings(
+        self, key: ConversationKey, user: str, values: Mapping[str, SettingValue]
+    ) -> ChannelSettings: ...
+
+    async def reset_settings(self, key: ConversationKey, user: str) -> ChannelSettings: ...
+
+    async def settings_log(self, key: ConversationKey, limit: int = 20) -> list[AuditEntry]: ...
+
+    async def forget(self, key: ConversationKey, user: str) -> int:
+        """Delete the channel's histories (threads included), logged; returns keys removed."""
+        ...
+
+    async def claim(self, platform: str, *ids: str) -> bool:
+        """True when this caller is the first to claim every one of `ids` (exactly-once)."""
+        ...
+
+    async def mark_answered(self, key: ConversationKey) -> None:
+        """Remember that the bot answered in this thread (follow-ups need no mention)."""
+        ...
+
+    async def was_answered(self, key: ConversationKey) -> bool: ...
+
+    async def ping(self) -> None: ...

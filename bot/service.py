@@ -1,27 +1,36 @@
 """SupportService: the one path every front door (Slack, Discord, the terminal) goes through.
 
 `ask()` streams an answer for a conversation; `settings()` answers /llm-settings. Turns of one
-conversation run in arrival order; different conversations run concurrently.
+conversation run in arrival order (the FIFO lock is the first thing a turn awaits, so a front door
+that starts its turns in arrival order keeps them in order); different conversations run
+concurrently. Storage is the `Store` interface and the models are the LLM chain: this module
+imports neither Redis nor a model library.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
-from bot.conversation import ConversationKey, HistoryScope, HistoryStore, Message
-from bot.llm.base import BackendBusy, Delta, Finished, LLMError
-from bot.llm.fallback import FallbackLLM, NoBackendAvailable
-from bot.ops import metrics
+from bot.conversation import ConversationKey, HistoryScope, Message, Store, StoreError
+from bot.llm.base import (
+    BackendBusy,
+    ChatMessage,
+    Delta,
+    Finished,
+    LLMError,
+    Prompt,
+    StreamEvent,
+)
+from bot.llm.chain import BackendStatus, NoBackendAvailable
 from bot.ops.logging import correlation_id, new_correlation_id
 from bot.prompt import PromptTooLong, build_prompt
 from bot.sampling import (
@@ -32,8 +41,8 @@ from bot.sampling import (
     Forget,
     Log,
     Reset,
+    SamplingSettings,
     SettingsError,
-    SettingsStore,
     Show,
     format_value,
     parse_command,
@@ -62,6 +71,63 @@ class Failure:
 
 
 AnswerEvent = Delta | Finished | Failure
+# Called once the turn's place in its conversation has come; False: not to be answered (a
+# duplicate delivery, say), and the turn ends without a word.
+Admit = Callable[[], Awaitable[bool]]
+
+
+class Models(Protocol):
+    """What the service needs of the LLM chain (bot.llm.chain.LLMChain); the runtime starts
+    and closes it."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    @property
+    def context_window(self) -> int: ...
+
+    def encode(self, messages: Sequence[ChatMessage]) -> Prompt: ...
+
+    def count_each(self, messages: Sequence[ChatMessage]) -> list[int]: ...
+
+    def stream(self, prompt: Prompt, sampling: SamplingSettings) -> AsyncIterator[StreamEvent]: ...
+
+    def status(self) -> list[BackendStatus]: ...
+
+    def answering(self) -> BackendStatus | None: ...
+
+
+class Observer(Protocol):
+    """Where the service reports what happened (bot.ops.metrics implements it for /metrics)."""
+
+    def question(self, platform: str) -> None: ...
+
+    def answered(
+        self, platform: str, backend: str, total_s: float, first_token_s: float | None,
+        tokens_per_s: float | None,
+    ) -> None: ...  # fmt: skip
+
+    def failed(self, platform: str, reason: str) -> None: ...
+
+    def active(self, change: int) -> None: ...
+
+
+class _Unobserved:
+    def question(self, platform: str) -> None:
+        pass
+
+    def answered(
+        self, platform: str, backend: str, total_s: float, first_token_s: float | None,
+        tokens_per_s: float | None,
+    ) -> None:  # fmt: skip
+        pass
+
+    def failed(self, platform: str, reason: str) -> None:
+        pass
+
+    def active(self, change: int) -> None:
+        pass
 
 
 def new_error_id() -> str:
@@ -131,73 +197,82 @@ class SupportService:
     def __init__(
         self,
         *,
-        redis: Redis,
-        history: HistoryStore,
-        settings: SettingsStore,
-        llm: FallbackLLM,
+        store: Store,
+        llm: Models,
         persona: str,
         scope: HistoryScope = "channel",
+        observer: Observer | None = None,
     ) -> None:
-        self._redis = redis
-        self.history = history
-        self.channel_settings = settings
+        self.store = store
         self.llm = llm
         self.persona = persona
         self.scope = scope
+        self._observer = observer or _Unobserved()
         self._locks = _TurnLocks()
 
     @property
     def active_conversations(self) -> int:
         return len(self._locks)
 
-    async def ask(self, key: ConversationKey, user: User, text: str) -> AsyncIterator[AnswerEvent]:
-        question = clean_question(text)
-        if not question:
-            yield Failure("Ask me a question after the mention, and I'll answer here.")
-            return
+    async def ask(
+        self, key: ConversationKey, user: User, text: str, *, admit: Admit | None = None
+    ) -> AsyncIterator[AnswerEvent]:
+        """Answer `text`. The turn's FIFO lock is the first await; `admit` (a front door's
+        exactly-once claim) runs under it, so its round trips cannot reorder a channel's turns."""
         conversation = key.scoped(self.scope)
-        metrics.QUESTIONS.labels(key.platform).inc()
-        # A fresh correlation id per turn, in the caller's context: log lines of this answer
-        # (the platform adapter's included) and its error message carry the same id.
-        new_correlation_id()
         async with self._locks.hold(conversation):
-            metrics.ACTIVE.inc()
+            if admit is not None and not await admit():
+                return
+            question = clean_question(text)
+            if not question:
+                yield Failure("Ask me a question after the mention, and I'll answer here.")
+                return
+            self._observer.question(key.platform)
+            # A fresh correlation id per turn, in the caller's context: log lines of this answer
+            # (the platform adapter's included) and its error message carry the same id.
+            new_correlation_id()
+            self._observer.active(+1)
             try:
-                async for event in self._turn(conversation, user, question):
+                async for event in self._turn(conversation, question):
                     if isinstance(event, Failure) and event.error_id:
-                        metrics.ERRORS.labels(key.platform, event.reason).inc()
+                        self._observer.failed(key.platform, event.reason)
                     yield event
             finally:
-                metrics.ACTIVE.dec()
+                self._observer.active(-1)
 
     async def _turn(
-        self, conversation: ConversationKey, user: User, question: str
+        self, conversation: ConversationKey, question: str
     ) -> AsyncIterator[AnswerEvent]:
         started = time.monotonic()
+        asked = Message("user", question)
         try:
-            channel, history = await self._start_turn(conversation, question)
-        except RedisError as exc:
+            turn = await self.store.start_turn(conversation, asked)
+        except StoreError as exc:
             yield self._fail(
                 "I couldn't reach my conversation store, so I didn't answer. "
                 "Please try again in a minute.",
-                "redis error starting a turn in %s: %s",
+                "store error starting a turn in %s: %s",
                 conversation.describe(),
                 exc,
                 reason="redis",
             )
             return
 
-        sampling = channel.effective
+        sampling = turn.settings.effective
         try:
-            messages = build_prompt(
+            prompt = await asyncio.to_thread(
+                build_prompt,
                 self.persona,
-                history,
+                turn.history,
                 question,
-                count_tokens=self.llm.count_tokens,
+                encoder=self.llm,
                 context_window=self.llm.context_window,
                 max_new_tokens=sampling.max_new_tokens,
             )
         except PromptTooLong as exc:
+            # Refused before any model saw it: it must not crowd out the history of later turns.
+            with contextlib.suppress(StoreError):
+                await self.store.withdraw(conversation, asked)
             yield self._fail(
                 f"Your question is too long for the model ({exc.needed} tokens; "
                 f"{exc.budget} fit with room for the answer). Please shorten it "
@@ -215,7 +290,7 @@ class SupportService:
         parts: list[str] = []
         try:
             # aclosing: leaving at Finished must close the backend's stream now, not at GC.
-            async with aclosing(self.llm.stream(messages, sampling)) as events:
+            async with aclosing(self.llm.stream(prompt, sampling)) as events:  # type: ignore[type-var]
                 async for event in events:
                     if isinstance(event, Delta):
                         parts.append(event.text)
@@ -243,10 +318,10 @@ class SupportService:
                 exc,
                 reason="failed",
             )
-        except RedisError as exc:
+        except StoreError as exc:
             yield self._fail(
                 "I answered, but couldn't save the answer to this conversation's history.",
-                "redis error storing an answer in %s: %s",
+                "store error saving an answer in %s: %s",
                 conversation.describe(),
                 exc,
                 reason="redis",
@@ -264,16 +339,16 @@ class SupportService:
                 conversation.describe(),
                 reason="empty",
             )
-        await self.history.append(conversation, Message("assistant", answer))
-        labels = (conversation.platform, done.backend)
-        metrics.ANSWERS.labels(*labels).inc()
-        metrics.LATENCY.labels(*labels).observe(time.monotonic() - started)
+        await self.store.finish_turn(conversation, Message("assistant", answer))
+        rate = None
         if done.first_token_s is not None:
-            metrics.FIRST_TOKEN.labels(*labels).observe(done.first_token_s)
             decoding_s = done.total_s - done.first_token_s
             if done.completion_tokens > 1 and decoding_s > 0:
                 rate = (done.completion_tokens - 1) / decoding_s
-                metrics.TOKENS_PER_S.labels(done.backend).observe(rate)
+        total_s = time.monotonic() - started
+        self._observer.answered(
+            conversation.platform, done.backend, total_s, done.first_token_s, rate
+        )
         logger.info(
             "answered in %s by %s: %d+%d tokens, first text %.3fs, total %.3fs",
             conversation.describe(),
@@ -281,20 +356,9 @@ class SupportService:
             done.prompt_tokens,
             done.completion_tokens,
             done.first_token_s or 0.0,
-            time.monotonic() - started,
+            total_s,
         )
         return done
-
-    async def _start_turn(
-        self, conversation: ConversationKey, question: str
-    ) -> tuple[ChannelSettings, list[Message]]:
-        # One round trip: the channel's settings and the history, with the question stored.
-        async with self._redis.pipeline(transaction=True) as pipe:
-            self.channel_settings.queue_get(pipe, conversation.channel_tag)
-            self.history.queue_push(pipe, conversation, [Message("user", question)], read_back=True)
-            results = await pipe.execute()
-        channel = self.channel_settings.from_raw(results[0])
-        return channel, self.history.decode_list(results[-1])[:-1]
 
     def _no_backend(self, conversation: ConversationKey, exc: Exception) -> Failure:
         return self._fail(
@@ -317,42 +381,40 @@ class SupportService:
     # -- /llm-settings --------------------------------------------------------------------
 
     async def settings(self, key: ConversationKey, user: User, args: str) -> str:
-        store = self.channel_settings
+        store = self.store
         try:
             command = parse_command(args, max_new_tokens_limit=store.max_new_tokens_limit)
         except SettingsError as exc:
             return str(exc)
-        tag = key.channel_tag
         try:
             if isinstance(command, Show):
-                return self._render_show(await store.get(tag))
+                return self._render_show(await store.channel_settings(key))
             if isinstance(command, Log):
-                return _render_log(await store.log(tag))
+                return _render_log(await store.settings_log(key))
             if not user.can_configure:
                 return (
                     "Only settings admins can change this channel's settings or forget its "
                     "history; anyone can use `/llm-settings show`. Nothing was changed."
                 )
             if isinstance(command, Change):
-                updated = await store.change(tag, user.id, command.values)
+                updated = await store.change_settings(key, user.id, command.values)
                 changed = ", ".join(f"{k}={format_value(v)}" for k, v in command.values.items())
                 return f"Updated: {changed}.\n\n" + self._render_show(updated)
             if isinstance(command, Reset):
                 return "Back to the defaults.\n\n" + self._render_show(
-                    await store.reset(tag, user.id)
+                    await store.reset_settings(key, user.id)
                 )
             assert isinstance(command, Forget)
-            removed = await self.history.forget(key)
-            await store.record(tag, AuditEntry(user.id, "forget", {}, time.time()))
+            removed = await store.forget(key, user.id)
             return (
                 "Forgot this channel's conversation history."
                 if removed
                 else "There was no history to forget."
             )
-        except RedisError as exc:
+        except StoreError as exc:
             return self._fail(
                 "I couldn't reach the settings store; nothing was changed. Please try again.",
-                "redis error in /llm-settings for %s: %s",
+                "store error in /llm-settings for %s: %s",
                 key.describe(),
                 exc,
                 reason="redis",
@@ -360,8 +422,7 @@ class SupportService:
 
     def _render_show(self, channel: ChannelSettings) -> str:
         statuses = self.llm.status()
-        answering = next((s for s in statuses if s.usable and "open" not in s.state), None)
-        answering = answering or next((s for s in statuses if s.usable), None)
+        answering = self.llm.answering()
         lines = ["*LLM settings for this channel*"]
         for name in KEYS:
             value = getattr(channel.effective, name)
@@ -381,7 +442,7 @@ class SupportService:
         else:
             lines.append(f"Answering: {answering.name}")
         for s in statuses:
-            lines.append(f"• {s.role}: {s.name} — {s.state}")
+            lines.append(f"• {s.role}: {s.name} — {s.describe()}")
         return "\n".join(lines)
 
 

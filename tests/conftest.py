@@ -1,4 +1,8 @@
-"""Shared fixtures: a real redis-server on a free port, and the service wired over it."""
+"""Shared fixtures: a real redis-server on a free port, and the service wired over it.
+
+Nothing here imports torch or transformers: the model fixtures import their builder when a test
+asks for one, so `pytest tests/unit -m "not slow"` runs without touching a model library.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from bot.conversation import HistoryStore
-from bot.llm.fallback import FallbackLLM
+from bot.llm.chain import LLMChain
 from bot.ops.redis_server import RedisServer, free_port
-from bot.sampling import SamplingSettings, SettingsStore
+from bot.sampling import SamplingSettings
 from bot.service import SupportService
+from bot.store import RedisStore
 from tests.support.backends import ScriptedLLM
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -57,12 +61,22 @@ def make_service(
     limit: int = 1024,
 ) -> SupportService:
     return SupportService(
-        redis=redis,
-        history=HistoryStore(redis, max_messages=max_messages, ttl_seconds=ttl_seconds),
-        settings=SettingsStore(redis, defaults=DEFAULTS, max_new_tokens_limit=limit),
-        llm=FallbackLLM(primary, fallback),
+        store=make_store(redis, max_messages=max_messages, ttl_seconds=ttl_seconds, limit=limit),
+        llm=LLMChain(primary, fallback),
         persona=persona,
         scope=scope,  # type: ignore[arg-type]
+    )
+
+
+def make_store(
+    redis: Redis, *, max_messages: int = 20, ttl_seconds: int = 3600, limit: int = 1024
+) -> RedisStore:
+    return RedisStore(
+        redis,
+        defaults=DEFAULTS,
+        max_new_tokens_limit=limit,
+        max_messages=max_messages,
+        ttl_seconds=ttl_seconds,
     )
 
 
@@ -80,7 +94,23 @@ def repo_root() -> Path:
 # Fixtures defined in tests/fixtures, registered here for every test.
 from tests.fixtures.fake_openai import fake_openai_fixture  # noqa: E402, F401
 from tests.fixtures.fake_slack import fake_slack_fixture  # noqa: E402, F401
-from tests.fixtures.tiny_exaone import tiny_exaone_dir, tiny_exaone_factory  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def tiny_exaone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny EXAONE 3.5 checkpoint (tests/fixtures/tiny_exaone.py); imports torch on first use."""
+    from tests.fixtures.tiny_exaone import build_tiny_exaone
+
+    return build_tiny_exaone(tmp_path_factory.mktemp("tiny-exaone") / "EXAONE-3.5-tiny-Instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_exaone_factory(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`build(seed=0, **options) -> Path` for checkpoint variants; imports torch on first use."""
+    from tests.fixtures.tiny_exaone import tiny_exaone_builder
+
+    return tiny_exaone_builder(tmp_path_factory)
+
 
 # -- The whole-suite secrets scan (tests/support/log_scan.py says what it covers and why) -------
 from tests.support import secrets  # noqa: E402

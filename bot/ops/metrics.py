@@ -55,3 +55,31 @@ QUEUE_DEPTH = Gauge(
 GPU_MEMORY = Gauge(
     "supportbot_gpu_memory_bytes", "GPU memory allocated by the local model", registry=REGISTRY
 )
+
+
+class PrometheusObserver:
+    """The service's Observer (bot.service) on these metrics."""
+
+    def question(self, platform: str) -> None:
+        QUESTIONS.labels(platform).inc()
+
+    def answered(
+        self,
+        platform: str,
+        backend: str,
+        total_s: float,
+        first_token_s: float | None,
+        tokens_per_s: float | None,
+    ) -> None:
+        ANSWERS.labels(platform, backend).inc()
+        LATENCY.labels(platform, backend).observe(total_s)
+        if first_token_s is not None:
+            FIRST_TOKEN.labels(platform, backend).observe(first_token_s)
+        if tokens_per_s is not None:
+            TOKENS_PER_S.labels(backend).observe(tokens_per_s)
+
+    def failed(self, platform: str, reason: str) -> None:
+        ERRORS.labels(platform, reason).inc()
+
+    def active(self, change: int) -> None:
+        ACTIVE.inc(change)

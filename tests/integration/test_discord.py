@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import re
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import discord
 import pytest
 
 from bot.conversation import ConversationKey, Message
-from bot.llm.base import BackendFailed, ChatMessage, Delta, StreamEvent
+from bot.llm.base import BackendFailed, Delta, Prompt, StreamEvent
 from bot.platforms.discord.sink import displayable, retry_delay
 from bot.platforms.text import split_message
 from bot.sampling import SamplingSettings
@@ -42,9 +42,9 @@ class Trickle(ScriptedLLM):
     delay_s: float = 0.03
 
     async def stream(
-        self, messages: Sequence[ChatMessage], sampling: SamplingSettings
+        self, prompt: Prompt, sampling: SamplingSettings
     ) -> AsyncGenerator[StreamEvent, None]:
-        async for event in super().stream(messages, sampling):
+        async for event in super().stream(prompt, sampling):
             yield event
             if isinstance(event, Delta):
                 await asyncio.sleep(self.delay_s)

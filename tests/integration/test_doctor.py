@@ -17,9 +17,9 @@ import pytest
 import torch
 from aiohttp import web
 
+from bot.commands import doctor
+from bot.commands.doctor import Check, Status, model_check
 from bot.config import Settings
-from bot.ops import doctor
-from bot.ops.doctor import Check, Status
 from bot.ops.redis_server import free_port
 from tests.fixtures.fake_openai import FakeOpenAI
 from tests.fixtures.fake_slack import (
@@ -181,7 +181,7 @@ async def test_tiny_exaone_loads_on_cpu_with_dtype_and_size(make: Make, tiny_exa
 async def test_a_load_that_overruns_its_time_fails_without_waiting(
     make: Make, tiny_exaone_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(doctor, "MODEL_TIMEOUT_S", 0.001)
+    monkeypatch.setattr(model_check, "MODEL_TIMEOUT_S", 0.001)
     check = only(await doctor.check_model(make(llm_model=str(tiny_exaone_dir), llm_device="cpu")))
     assert check.status is Status.FAIL and "did not load within" in check.detail
     assert check.abandoned  # `supportbot doctor` then exits without joining the loading thread

@@ -5,11 +5,10 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from bot.conversation import ConversationKey
-from bot.sampling import SamplingSettings, SettingsStore
+from bot.sampling import SamplingSettings
 from bot.service import User
 from tests.conftest import DEFAULTS, make_service
 from tests.support.backends import ScriptedLLM
-from tests.support.redis_tools import redis_in
 
 KEY = ConversationKey("slack", "T1", "C1")
 ADMIN = User("U_ADMIN", can_configure=True)
@@ -38,7 +37,7 @@ async def test_set_one_and_many_keys_and_show_effective_values(redis):
     reply = await svc.settings(KEY, ADMIN, "temperature 0.8")
     assert "Updated: temperature=0.8" in reply
     reply = await svc.settings(KEY, ADMIN, "temperature=0.7 top_p=0.9 top_k=50 do_sample=off")
-    got = await svc.channel_settings.get(KEY.channel_tag)
+    got = await svc.store.channel_settings(KEY)
     assert got.effective == SamplingSettings(0.7, 50, 0.9, DEFAULTS.max_new_tokens, False)
     assert set(got.overrides) == {"temperature", "top_p", "top_k", "do_sample"}
     show = await svc.settings(KEY, MEMBER, "show")
@@ -51,9 +50,9 @@ async def test_set_one_and_many_keys_and_show_effective_values(redis):
 async def test_settings_are_per_channel_and_shared_by_its_threads(redis):
     svc = await started(redis, scope="thread")
     await svc.settings(ConversationKey("slack", "T1", "C1", "5.5"), ADMIN, "top_k 3")
-    assert (await svc.channel_settings.get(KEY.channel_tag)).effective.top_k == 3
+    assert (await svc.store.channel_settings(KEY)).effective.top_k == 3
     other = ConversationKey("slack", "T1", "C2")
-    assert (await svc.channel_settings.get(other.channel_tag)).effective.top_k == DEFAULTS.top_k
+    assert (await svc.store.channel_settings(other)).effective.top_k == DEFAULTS.top_k
 
 
 async def test_invalid_input_changes_nothing(redis):
@@ -90,7 +89,7 @@ async def test_reset_and_audit_log(redis):
     await svc.settings(KEY, ADMIN, "temperature 0.6 top_k 7")
     reply = await svc.settings(KEY, ADMIN, "reset")
     assert "Back to the defaults" in reply
-    got = await svc.channel_settings.get(KEY.channel_tag)
+    got = await svc.store.channel_settings(KEY)
     assert got.effective == DEFAULTS and got.overrides == {}
     log = await svc.settings(KEY, MEMBER, "log")
     lines = log.splitlines()[1:]
@@ -103,9 +102,9 @@ async def test_forget_deletes_history_and_is_logged(redis):
     svc = await started(redis)
     async for _ in svc.ask(KEY, MEMBER, "hello"):
         pass
-    assert await svc.history.read(KEY)
+    assert await svc.store.history(KEY)
     assert "Forgot" in await svc.settings(KEY, ADMIN, "forget")
-    assert await svc.history.read(KEY) == []
+    assert await svc.store.history(KEY) == []
     assert "forgot the conversation history" in await svc.settings(KEY, ADMIN, "log")
 
 
@@ -117,20 +116,3 @@ async def test_show_says_what_a_backend_cannot_honour(redis):
     assert "Answering: test:gpt" in show
     assert "top_k = 50 (default) — test:gpt cannot honour it" in show
     assert "primary: test:scripted — unavailable: no GPU" in show
-
-
-async def test_settings_survive_a_restart(tmp_path):
-    async with redis_in(tmp_path) as client:
-        store = SettingsStore(client, defaults=DEFAULTS, max_new_tokens_limit=1024)
-        await store.change(KEY.channel_tag, "U1", {"temperature": 1.3, "do_sample": True})
-    async with redis_in(tmp_path) as client:
-        store = SettingsStore(client, defaults=DEFAULTS, max_new_tokens_limit=1024)
-        assert (await store.get(KEY.channel_tag)).effective.temperature == 1.3
-        assert await client.ttl(store.settings_key(KEY.channel_tag)) == -1  # never expires
-
-
-async def test_stored_value_above_a_lowered_limit_falls_back_to_default(redis):
-    high = SettingsStore(redis, defaults=DEFAULTS, max_new_tokens_limit=4096)
-    await high.change(KEY.channel_tag, "U1", {"max_new_tokens": 3000})
-    low = SettingsStore(redis, defaults=DEFAULTS, max_new_tokens_limit=1024)
-    assert (await low.get(KEY.channel_tag)).effective.max_new_tokens == DEFAULTS.max_new_tokens

@@ -2,8 +2,8 @@
 
 A real redis-server on a fixed port with a data directory and its append-only file (SIGTERM makes
 it flush the file), so what Redis acknowledged survives the restart. The bot's client is the
-one `bot.app.build` makes (`connect_redis`). Questions are held inside our backend while Redis
-goes away, so that what happens when is decided by the test, not by timing.
+one the runtime makes (`bot.store.connect_redis`). Questions are held inside our backend while
+Redis goes away, so that what happens when is decided by the test, not by timing.
 
 Behaviour checked:
 - after a restart the bot reconnects by itself: no restart of the bot, no question lost to a
@@ -27,21 +27,21 @@ import json
 import logging
 import re
 from collections import defaultdict
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
-from bot.app import connect_redis
-from bot.conversation import ConversationKey, HistoryStore, Message
-from bot.llm.base import ChatMessage, Delta, Finished, StreamEvent
-from bot.llm.fallback import FallbackLLM
+from bot.conversation import ConversationKey, Message
+from bot.llm.base import Delta, Finished, Prompt, StreamEvent
+from bot.llm.chain import LLMChain
 from bot.ops.redis_server import RedisServer, free_port
 from bot.sampling import SamplingSettings
 from bot.service import AnswerEvent, Failure, SupportService, User
-from tests.conftest import make_service
+from bot.store import connect_redis
+from tests.conftest import make_service, make_store
 from tests.fixtures.fake_slack import (
     TEAM,
     FakeSlack,
@@ -66,14 +66,14 @@ class Gated(ScriptedLLM):
     waiting: int = 0
 
     async def stream(
-        self, messages: Sequence[ChatMessage], sampling: SamplingSettings
+        self, prompt: Prompt, sampling: SamplingSettings
     ) -> AsyncGenerator[StreamEvent, None]:
         self.waiting += 1
         try:
             await self.gate.wait()
         finally:
             self.waiting -= 1
-        async for event in super().stream(messages, sampling):
+        async for event in super().stream(prompt, sampling):
             yield event
 
     async def hold(self, count: int) -> None:
@@ -208,9 +208,9 @@ async def test_the_service_rides_out_restarts_and_reports_an_outage_without_losi
     await start(server)
     fresh = Redis.from_url(server.url)
     try:
-        history = HistoryStore(fresh, max_messages=1_000, ttl_seconds=3600)
+        history = make_store(fresh, max_messages=1_000)
         for key in channels + others:
-            stored = await history.read(key)
+            stored = await history.history(key)
             assert is_subsequence(ledger.acknowledged[key], stored), (key, stored)
     finally:
         await fresh.aclose()
@@ -247,7 +247,7 @@ async def test_the_slack_app_keeps_answering_across_a_redis_outage(
     caplog.set_level(logging.INFO)
     settings = slack_settings(fake_slack, redis_url=server.url, openai_url="http://127.0.0.1:9/v1")
     backend = ScriptedLLM(chunk_size=1_000)
-    async with running_slack_app(settings, llm=FallbackLLM(backend, None)) as app:
+    async with running_slack_app(settings, llm=LLMChain(backend)) as app:
         await app.send_event(mention("<@U0BOT> first", ts="1700.000100"))
         assert await thread_texts(fake_slack, "C0GENERAL", "1700.000100", 1) == ["echo: first"]
 
@@ -290,7 +290,7 @@ async def test_the_slack_app_keeps_answering_across_a_redis_outage(
             "third",
         ]
         key = ConversationKey("slack", TEAM, "C0GENERAL")
-        stored = await app.runtime.service.history.read(key)
+        stored = await app.runtime.store.history(key)
         assert [m.content for m in stored] == [
             "first",
             "echo: first",

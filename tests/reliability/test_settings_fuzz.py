@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from bot.conversation import ConversationKey, HistoryStore, Message
-from bot.llm.fallback import FallbackLLM
+from bot.conversation import ConversationKey, Message
+from bot.llm.chain import LLMChain
 from bot.sampling import (
     KEYS,
     Change,
@@ -33,12 +33,12 @@ from bot.sampling import (
     Reset,
     SamplingSettings,
     SettingsError,
-    SettingsStore,
     SettingValue,
     Show,
     parse_command,
 )
 from bot.service import SupportService, User
+from bot.store import RedisStore, audit_key
 from tests.support.backends import ScriptedLLM
 
 LIMIT = 4096
@@ -269,30 +269,22 @@ def _shown(value: SettingValue, style: int = 0) -> str:
 async def test_through_the_service_a_change_is_all_or_nothing_and_audited_once(
     redis: Redis, script: list[tuple[str, bool, bool]]
 ) -> None:
-    store = SettingsStore(redis, defaults=SamplingSettings(), max_new_tokens_limit=LIMIT)
-    history = HistoryStore(redis, max_messages=20, ttl_seconds=3600)
-    svc = SupportService(
-        redis=redis,
-        history=history,
-        settings=store,
-        llm=FallbackLLM(ScriptedLLM(), None),
-        persona="p",
-    )
+    store = RedisStore(redis, defaults=SamplingSettings(), max_new_tokens_limit=LIMIT)
+    svc = SupportService(store=store, llm=LLMChain(ScriptedLLM()), persona="p")
     key = ConversationKey("slack", "T1", f"C{await redis.incr('fuzz-channel')}")
-    tag = key.channel_tag
-    await history.append(key, Message("user", "something to forget"))
+    await store.append(key, Message("user", "something to forget"))
 
     # Each command, and sometimes the same again at once (a repeated change records nothing).
     steps = [(text, admin) for text, admin, twice in script for _ in range(2 if twice else 1)]
     for text, is_admin in steps:
         user = User("U-admin" if is_admin else "U-member", can_configure=is_admin)
-        before = (await store.get(tag)).overrides
-        audit_before = await redis.llen(store.audit_key(tag))
+        before = (await store.channel_settings(key)).overrides
+        audit_before = await redis.llen(audit_key(key))
 
         reply = await svc.settings(key, user, text)
 
-        after = (await store.get(tag)).overrides
-        audit = await store.log(tag, limit=1000)
+        after = (await store.channel_settings(key)).overrides
+        audit = await store.settings_log(key, limit=1000)
         grown = len(audit) - audit_before
         expected = parse(text)
         event(type(expected).__name__ + ("" if is_admin else " (not an admin)"))
@@ -315,4 +307,4 @@ async def test_through_the_service_a_change_is_all_or_nothing_and_audited_once(
         else:
             assert isinstance(expected, Forget)
             assert after == before and grown == 1 and audit[0].action == "forget"
-            assert await history.read(key) == []
+            assert await store.history(key) == []

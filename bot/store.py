@@ -1,0 +1,334 @@
+"""RedisStore: everything the core keeps, in Redis, behind the `Store` interface.
+
+- History per conversation: a list of role/content JSON, bounded (HISTORY_MAX_MESSAGES) and
+  expiring after silence (HISTORY_TTL_SECONDS). A turn's start stores the question and reads the
+  settings and the history in one MULTI/EXEC round trip.
+- Channel settings: a hash of overrides (no expiry: they survive restarts and silence) and an
+  audit list of changes.
+- Event claims (exactly-once across replicas): `SET NX EX` on every id of an event, in one
+  transaction that also reads the keys back. Each claim writes a token of its own, so when the
+  client retries a claim whose first attempt did run (the connection dropped before the reply),
+  the retry finds its own token and still wins instead of standing down.
+- Threads the bot answered in (follow-ups without a mention).
+
+Keys share the channel's hash tag (bot.conversation). Every RedisError leaves as StoreError.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from bot.conversation import ConversationKey, Message, StoreError, Turn
+from bot.sampling import (
+    KEYS,
+    AuditEntry,
+    ChannelSettings,
+    SamplingSettings,
+    SettingsError,
+    SettingValue,
+    format_value,
+    parse_value,
+)
+
+logger = logging.getLogger(__name__)
+
+REDIS_MAX_CONNECTIONS = 64  # per process; more commands in flight wait for a free connection
+# Slack re-sends an unacknowledged event three times within about five minutes; an hour covers
+# that (and slow replicas) with room to spare while keeping the key count small.
+DEFAULT_CLAIM_TTL_S = 3600
+AUDIT_KEEP = 200
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _store_errors(
+    method: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """RedisError (and the OS errors a dead socket raises) → StoreError, keeping the cause."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
+
+def connect_redis(url: str) -> Redis:
+    """The bot's Redis client: it rides out bursts and reconnects by itself after Redis restarts.
+
+    - A burst of questions waits for a free connection (up to 10 s) instead of failing: redis-py's
+      default pool raises "Too many connections" at once past 100 commands in flight.
+    - Pooled connections go stale when Redis restarts, and without retries the first command on
+      each of them fails ("Connection closed by server") although Redis is back. So a command
+      that meets a closed or refused connection is retried on a fresh one, 5 times with
+      exponential backoff and equal jitter: 1.1 to 2.2 s in all, which rides out a restart; a
+      longer outage ends in a StoreError that the service turns into a clear message with an
+      error id. Only connection errors are retried: after a timeout the command may have run,
+      and the turn should fail rather than wait again.
+    - `socket_timeout` bounds a hung server, which would otherwise hold a conversation's turn
+      (and every later question in that channel) forever.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=10,
+        health_check_interval=30,
+        socket_connect_timeout=5,
+        socket_timeout=10,
+        retry=Retry(
+            EqualJitterBackoff(cap=1.0, base=0.04),
+            retries=5,
+            supported_errors=(RedisConnectionError,),
+        ),
+        retry_on_error=[RedisConnectionError],
+    )
+    return Redis.from_pool(pool)
+
+
+def history_key(key: ConversationKey) -> str:
+    suffix = f":{key.thread}" if key.thread else ""
+    return f"sb:{key.channel_tag}:history{suffix}"
+
+
+def settings_key(key: ConversationKey) -> str:
+    return f"sb:{key.channel_tag}:settings"
+
+
+def audit_key(key: ConversationKey) -> str:
+    return f"sb:{key.channel_tag}:settings:log"
+
+
+def claim_key(platform: str, event_id: str) -> str:
+    return f"sb:event:{platform}:{event_id}"
+
+
+def answered_key(key: ConversationKey) -> str:
+    return f"sb:{key.channel_tag}:answered:{key.thread}"
+
+
+def _instance_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class RedisStore:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        defaults: SamplingSettings,
+        max_new_tokens_limit: int,
+        max_messages: int = 40,
+        ttl_seconds: int = 7 * 24 * 3600,
+        claim_ttl_s: int = DEFAULT_CLAIM_TTL_S,
+        owner: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self._defaults = defaults
+        self._limit = max_new_tokens_limit
+        self.max_messages = max_messages
+        self.ttl_seconds = ttl_seconds
+        self.claim_ttl_s = claim_ttl_s
+        # Stored as a claim's value, so an operator can see which replica took an event.
+        self.owner = owner or _instance_name()
+
+    @property
+    def defaults(self) -> SamplingSettings:
+        return self._defaults
+
+    @property
+    def max_new_tokens_limit(self) -> int:
+        return self._limit
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    @_store_errors
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    # -- turns ------------------------------------------------------------------------------
+
+    @_store_errors
+    async def start_turn(self, key: ConversationKey, question: Message) -> Turn:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(settings_key(key))
+            self._queue_push(pipe, key, [question])
+            pipe.lrange(history_key(key), 0, -1)
+            results = await pipe.execute()
+        history = [Message.decode(item) for item in results[-1]]
+        return Turn(self._settings(results[0]), history[:-1])
+
+    @_store_errors
+    async def finish_turn(self, key: ConversationKey, answer: Message) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._queue_push(pipe, key, [answer])
+            await pipe.execute()
+
+    @_store_errors
+    async def withdraw(self, key: ConversationKey, question: Message) -> None:
+        # The newest copy: turns of a conversation run one at a time, so it is this turn's.
+        await self.redis.lrem(history_key(key), -1, question.encode())
+
+    @_store_errors
+    async def history(self, key: ConversationKey) -> list[Message]:
+        """The stored history (operators and tests; turns read it through start_turn)."""
+        raw = await self.redis.lrange(history_key(key), 0, -1)
+        return [Message.decode(item) for item in raw]
+
+    @_store_errors
+    async def append(self, key: ConversationKey, *messages: Message) -> None:
+        """Add messages to a history as they are (imports, tests)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._queue_push(pipe, key, messages)
+            await pipe.execute()
+
+    def _queue_push(
+        self, pipe: Pipeline, key: ConversationKey, messages: Sequence[Message]
+    ) -> None:
+        name = history_key(key)
+        pipe.rpush(name, *(m.encode() for m in messages))
+        pipe.ltrim(name, -self.max_messages, -1)
+        pipe.expire(name, self.ttl_seconds)
+
+    @_store_errors
+    async def forget(self, key: ConversationKey, user: str) -> int:
+        pattern = f"sb:{_escape_glob(key.channel_tag)}:history*"
+        keys = [k async for k in self.redis.scan_iter(match=pattern, count=500)]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if keys:
+                pipe.delete(*keys)
+            self._audit(pipe, key, AuditEntry(user, "forget", {}, time.time()))
+            results = await pipe.execute()
+        return int(results[0]) if keys else 0
+
+    # -- settings ---------------------------------------------------------------------------
+
+    @_store_errors
+    async def channel_settings(self, key: ConversationKey) -> ChannelSettings:
+        return self._settings(await self.redis.hgetall(settings_key(key)))
+
+    @_store_errors
+    async def change_settings(
+        self, key: ConversationKey, user: str, values: Mapping[str, SettingValue]
+    ) -> ChannelSettings:
+        """Store all of `values` at once, with an audit entry of old → new."""
+        name = settings_key(key)
+        after: dict[str, SettingValue] = {}
+
+        async def apply(pipe: Pipeline) -> None:
+            old = self._decode(await pipe.hgetall(name))
+            changes = {
+                k: (_shown(old.get(k)), format_value(v))
+                for k, v in values.items()
+                if old.get(k) != v
+            }
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.hset(name, mapping={k: format_value(v) for k, v in values.items()})
+            if changes:
+                self._audit(pipe, key, AuditEntry(user, "set", changes, time.time()))
+            after.clear()
+            after.update(old, **values)
+
+        await self.redis.transaction(apply, name)
+        return ChannelSettings(self._defaults.with_overrides(after), after)
+
+    @_store_errors
+    async def reset_settings(self, key: ConversationKey, user: str) -> ChannelSettings:
+        name = settings_key(key)
+
+        async def apply(pipe: Pipeline) -> None:
+            old = self._decode(await pipe.hgetall(name))
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.delete(name)
+            changes = {k: (format_value(v), None) for k, v in old.items()}
+            self._audit(pipe, key, AuditEntry(user, "reset", changes, time.time()))
+
+        await self.redis.transaction(apply, name)
+        return ChannelSettings(self._defaults, {})
+
+    @_store_errors
+    async def settings_log(self, key: ConversationKey, limit: int = 20) -> list[AuditEntry]:
+        raw = await self.redis.lrange(audit_key(key), 0, limit - 1)
+        return [AuditEntry.decode(item) for item in raw]
+
+    def _audit(self, pipe: Pipeline, key: ConversationKey, entry: AuditEntry) -> None:
+        name = audit_key(key)
+        pipe.lpush(name, entry.encode())
+        pipe.ltrim(name, 0, AUDIT_KEEP - 1)
+
+    def _settings(self, raw: Mapping[bytes | str, bytes | str]) -> ChannelSettings:
+        overrides = self._decode(raw)
+        return ChannelSettings(self._defaults.with_overrides(overrides), overrides)
+
+    def _decode(self, raw: Mapping[bytes | str, bytes | str]) -> dict[str, SettingValue]:
+        overrides: dict[str, SettingValue] = {}
+        for k, v in raw.items():
+            key = k.decode() if isinstance(k, bytes) else k
+            text = v.decode() if isinstance(v, bytes) else v
+            if key not in KEYS:
+                continue
+            try:
+                overrides[key] = parse_value(key, text, self._limit)
+            except SettingsError:
+                # E.g. the operator lowered LLM_MAX_NEW_TOKENS_LIMIT below a stored value.
+                logger.warning("ignoring stored %s=%r: out of range now", key, text)
+        return overrides
+
+    # -- events and threads -----------------------------------------------------------------
+
+    @_store_errors
+    async def claim(self, platform: str, *ids: str) -> bool:
+        """Several ids name one event when the platform sends it in more than one form (Slack's
+        `app_mention` and `message` for one message have different event ids but the same
+        channel and ts). All keys are set in one transaction, so of two racing copies exactly
+        one wins them all. (The keys carry no hash tag: on Redis Cluster the ids of one claim
+        would need one in common; the bot's client is a single-node one.)"""
+        if not ids:
+            raise ValueError("claim needs at least one id")
+        token = f"{self.owner}:{secrets.token_hex(8)}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for event_id in ids:
+                name = claim_key(platform, event_id)
+                pipe.set(name, token, nx=True, ex=self.claim_ttl_s)
+                pipe.get(name)
+            results = await pipe.execute()
+        return all(_text(value) == token for value in results[1::2])
+
+    @_store_errors
+    async def mark_answered(self, key: ConversationKey) -> None:
+        # As long as the thread's history lives.
+        await self.redis.set(answered_key(key), 1, ex=self.ttl_seconds)
+
+    @_store_errors
+    async def was_answered(self, key: ConversationKey) -> bool:
+        return bool(await self.redis.exists(answered_key(key)))
+
+
+def _shown(value: SettingValue | None) -> str | None:
+    return None if value is None else format_value(value)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _escape_glob(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
