@@ -8,8 +8,10 @@ This module is pure: no Redis client.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, cast
 
@@ -60,6 +62,31 @@ class Message:
     def decode(raw: bytes | str) -> Message:
         data = json.loads(raw)
         return Message(role=cast(Role, data["role"]), content=str(data["content"]))
+
+
+class TurnLocks:
+    """One FIFO lock per conversation, dropped when nobody holds or waits for it: the turns of a
+    conversation run one at a time, in the order they took their place."""
+
+    def __init__(self) -> None:
+        self._locks: dict[ConversationKey, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: ConversationKey) -> AsyncIterator[None]:
+        lock, refs = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, refs + 1)
+        try:
+            async with lock:  # the first await: the place in line is taken in call order
+                yield
+        finally:
+            lock, refs = self._locks[key]
+            if refs <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, refs - 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from bot.conversation import ConversationKey, HistoryScope, Message, Store, StoreError
+from bot.conversation import (
+    ConversationKey,
+    HistoryScope,
+    Message,
+    Store,
+    StoreError,
+    TurnLocks,
+)
 from bot.llm.base import (
     BackendBusy,
     ChatMessage,
@@ -148,51 +155,6 @@ def clean_question(text: str) -> str:
     return question
 
 
-class _TurnLocks:
-    """One FIFO lock per conversation, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[ConversationKey, tuple[asyncio.Lock, int]] = {}
-
-    def hold(self, key: ConversationKey) -> _Held:
-        return _Held(self, key)
-
-    def acquire_ref(self, key: ConversationKey) -> asyncio.Lock:
-        lock, refs = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, refs + 1)
-        return lock
-
-    def release_ref(self, key: ConversationKey) -> None:
-        lock, refs = self._locks[key]
-        if refs <= 1:
-            del self._locks[key]
-        else:
-            self._locks[key] = (lock, refs - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-
-class _Held:
-    def __init__(self, locks: _TurnLocks, key: ConversationKey) -> None:
-        self._locks = locks
-        self._key = key
-        self._lock: asyncio.Lock | None = None
-
-    async def __aenter__(self) -> None:
-        self._lock = self._locks.acquire_ref(self._key)
-        try:
-            await self._lock.acquire()
-        except BaseException:
-            self._locks.release_ref(self._key)
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._lock is not None
-        self._lock.release()
-        self._locks.release_ref(self._key)
-
-
 class SupportService:
     def __init__(
         self,
@@ -208,7 +170,7 @@ class SupportService:
         self.persona = persona
         self.scope = scope
         self._observer = observer or _Unobserved()
-        self._locks = _TurnLocks()
+        self._locks = TurnLocks()
 
     @property
     def active_conversations(self) -> int:

@@ -41,17 +41,18 @@ from bot.llm.base import (
 )
 from bot.llm.loader import LoadedModel, Loader, free_memory, open_model
 from bot.ops import metrics
-from bot.sampling import SamplingSettings
+from bot.sampling import SPECS, SamplingSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
-# Sampling values the engine is created with. Each processor exists only if its creation value
-# is not a no-op (temperature 1.0, top_p 1.0), and only existing processors take per-request
-# values; requests always pass their own.
-_CREATION_SAMPLING = {"temperature": 0.7, "top_k": 50, "top_p": 0.95}
+# Sampling values the engine is created with: the table's defaults. Each processor exists only if
+# its creation value is not a no-op (temperature 1.0, top_p 1.0), and only existing processors
+# take per-request values; requests always pass their own.
+_CREATION_SAMPLING = {key: SPECS[key].default for key in ("temperature", "top_k", "top_p")}
+assert _CREATION_SAMPLING["temperature"] != 1.0 and _CREATION_SAMPLING["top_p"] != 1.0
 # transformers.generation.continuous_batching.utils logs under this name.
 _ENGINE_LOGGER = "ContinuousBatchingLogger"
 

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 # vLLM and most OpenAI-compatible servers accept any bearer token when they are run without one,
 # but the SDK insists on some key.
-_PLACEHOLDER_KEY = "EMPTY"
+PLACEHOLDER_KEY = "EMPTY"
 # Connecting is quick or it is not happening; a dead host should fail over fast.
 _CONNECT_TIMEOUT_S = 5.0
 # Chat-template tokens around each message (OpenAI documents 3 for its models; one spare) and the
@@ -157,7 +157,7 @@ class OpenAIChatLLM:
         if self._api_key is None and self._base_url is None:
             raise BackendUnavailable(f"{self._name}: no API key configured")
         self._client = openai.AsyncOpenAI(
-            api_key=self._api_key or _PLACEHOLDER_KEY,
+            api_key=self._api_key or PLACEHOLDER_KEY,
             base_url=self._base_url,
             # read bounds the wait for the response headers and any silence inside the stream;
             # the first-token deadline in stream() bounds the whole wait including retries.

@@ -34,14 +34,15 @@ pytestmark = pytest.mark.usefixtures("redis")  # a flushed database
 
 CHANNELS = 20
 PER_CHANNEL = 10
-ROUNDS = 3
+ROUNDS = 4
 TUNING = Tuning(rate_limit_jitter_s=0.0, drain_timeout_s=5.0)
 
-# Memory, judged by what round 3 (200 questions, after two rounds of warm-up) leaves behind once
-# garbage is collected and the log records pytest keeps are dropped. Measured: the bot's own
-# objects and asyncio's tasks and futures do not change at all, and the interpreter's allocated
-# blocks move by +80 to +300 (keep-alive connections of the test's HTTP clients, the fake
-# Slack's thread, logging's caches). The bounds:
+# Memory, judged by what the last rounds (200 questions each, after two rounds of warm-up) leave
+# behind once garbage is collected and the log records pytest keeps are dropped. Measured: the
+# bot's own objects and asyncio's tasks and futures do not change at all, and the interpreter's
+# allocated blocks move by +80 to +300, now and then by +2,000 in one round (keep-alive
+# connections of the test's HTTP clients, the fake Slack's thread, logging's caches). A leak
+# grows in every round, so the smaller growth of the last two rounds is judged. The bounds:
 # - the bot's objects and asyncio tasks/futures: a few, for objects in flight when counted; a
 #   leak of one of them per question or per channel adds 200 or 20;
 OWN_OBJECT_GROWTH = 10
@@ -167,14 +168,13 @@ async def test_200_concurrent_mentions_are_stored_in_order_without_leaks(
     leaked = other_tasks() - tasks_before
 
     growth = objects[-1] - objects[-2]
-    block_growth = blocks[-1] - blocks[-2]
+    block_growth = min(blocks[-1] - blocks[-2], blocks[-2] - blocks[-3])
     print(
         f"\nload: {ROUNDS} rounds of {CHANNELS * PER_CHANNEL} concurrent mentions over "
         f"{CHANNELS} channels, every turn stored in order; bookkeeping empty after each round; "
         f"tasks after each round {tasks}, {len(leaked)} left after the app stopped; the bot's "
         f"objects and asyncio tasks/futures after each round "
-        f"{[sum(c.values()) for c in objects]}; round 3 changed allocated blocks by "
-        f"{block_growth:+d}"
+        f"{[sum(c.values()) for c in objects]}; allocated blocks after each round {blocks}"
     )
     assert not leaked, leaked
     assert tasks[-1] <= tasks[-2]

@@ -16,9 +16,6 @@ from bot.commands.doctor.checks import (
 )
 from bot.config import Settings
 
-# vLLM and similar servers take any bearer token when run without one, but the SDK wants one.
-_PLACEHOLDER_KEY = "EMPTY"
-
 
 def _api_failure(exc: Exception, key_name: str, where: str) -> tuple[Status, str]:
     """The status and the line for an OpenAI SDK error; never the server's text, which may
@@ -73,7 +70,9 @@ async def _check_models_endpoint(
 
 
 async def check_model_server(settings: Settings) -> list[Check]:
-    key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else _PLACEHOLDER_KEY
+    from bot.llm.openai_chat import PLACEHOLDER_KEY
+
+    key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else PLACEHOLDER_KEY
     assert settings.llm_base_url is not None
     return await _check_models_endpoint(
         "model", settings.llm_base_url, key, "LLM_API_KEY", ("LLM_MODEL", settings.llm_model)
