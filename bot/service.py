@@ -30,14 +30,18 @@ from bot.conversation import (
 )
 from bot.llm.base import (
     BackendBusy,
+    BackendTimeout,
+    BackendUnavailable,
     ChatMessage,
     Delta,
     Finished,
     LLMError,
     Prompt,
+    RateLimited,
+    RequestRejected,
     StreamEvent,
 )
-from bot.llm.chain import BackendStatus, NoBackendAvailable
+from bot.llm.chain import BackendStatus, CircuitOpen, NoBackendAvailable
 from bot.ops.logging import correlation_id, new_correlation_id
 from bot.prompt import PromptTooLong, build_prompt
 from bot.sampling import (
@@ -74,7 +78,9 @@ class Failure:
 
     message: str
     error_id: str | None = None  # matches the log line; None for plain notices
-    reason: str = "notice"  # for metrics: redis, too_long, busy, failed, empty, no_backend
+    # For metrics: redis, too_long, rejected, rate_limited, timeout, circuit_open, busy, failed,
+    # empty, no_backend, not_configured; "notice" (shortened) for plain notices.
+    reason: str = "notice"
 
 
 AnswerEvent = Delta | Finished | Failure
@@ -145,11 +151,17 @@ def new_error_id() -> str:
 
 def clean_question(text: str) -> str:
     """Drop control characters (keeping newlines and tabs), replace lone surrogates (which
-    cannot be stored as UTF-8) with `?`, and trim. Text with nothing visible in it (only
-    whitespace and format characters such as zero-width spaces or direction marks) is empty."""
+    cannot be stored as UTF-8) with `?`, trim, and cut to MAX_QUESTION_CHARS. Text with nothing
+    visible in it (only whitespace and format characters such as zero-width spaces or direction
+    marks) is empty."""
+    return _cleaned(text)[:MAX_QUESTION_CHARS]
+
+
+def _cleaned(text: str) -> str:
+    """clean_question without the cut (its length tells whether the question was shortened)."""
     text = text.encode("utf-8", "replace").decode("utf-8")
     kept = (ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs"))
-    question = "".join(kept).strip()[:MAX_QUESTION_CHARS]
+    question = "".join(kept).strip()
     if all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in question):
         return ""
     return question
@@ -185,7 +197,8 @@ class SupportService:
         async with self._locks.hold(conversation):
             if admit is not None and not await admit():
                 return
-            question = clean_question(text)
+            full = _cleaned(text)
+            question = full[:MAX_QUESTION_CHARS]
             if not question:
                 yield Failure("Ask me a question after the mention, and I'll answer here.")
                 return
@@ -193,6 +206,8 @@ class SupportService:
             # A fresh correlation id per turn, in the caller's context: log lines of this answer
             # (the platform adapter's included) and its error message carry the same id.
             new_correlation_id()
+            if len(full) > len(question):
+                yield _shortened_notice(conversation, len(full))
             self._observer.active(+1)
             try:
                 async for event in self._turn(conversation, question):
@@ -273,12 +288,17 @@ class SupportService:
             )
         except LLMError as exc:
             cut = " The answer above was cut off." if parts else ""
+            what, reason = (
+                ("Sorry, the model stopped responding.", "timeout")
+                if isinstance(exc, BackendTimeout)
+                else ("Sorry, the model failed while answering.", "failed")
+            )
             yield self._fail(
-                f"Sorry, the model failed while answering.{cut} Please try again.",
+                f"{what}{cut} Please try again.",
                 "generation failed in %s: %s",
                 conversation.describe(),
                 exc,
-                reason="failed",
+                reason=reason,
             )
         except StoreError as exc:
             yield self._fail(
@@ -322,15 +342,15 @@ class SupportService:
         )
         return done
 
-    def _no_backend(self, conversation: ConversationKey, exc: Exception) -> Failure:
+    def _no_backend(self, conversation: ConversationKey, exc: NoBackendAvailable) -> Failure:
+        """What happened, by the typed reason the chain gives, and what the user can do."""
+        message, reason = _no_backend_message(exc)
         return self._fail(
-            "No model is available to answer right now: the local model (LLM_MODEL) "
-            "is disabled or failed, and the GPT fallback (OPENAI_API_KEY) is not set or "
-            "failed. An operator can run `supportbot doctor` to see why.",
+            message,
             "no backend could answer in %s: %s",
             conversation.describe(),
             exc,
-            reason="no_backend",
+            reason=reason,
         )
 
     @staticmethod
@@ -406,6 +426,81 @@ class SupportService:
         for s in statuses:
             lines.append(f"• {s.role}: {s.name} — {s.describe()}")
         return "\n".join(lines)
+
+
+def _shortened_notice(conversation: ConversationKey, length: int) -> Failure:
+    """Said with the answer: the model saw only the first MAX_QUESTION_CHARS characters."""
+    error_id = new_error_id()
+    logger.warning(
+        "[error_id=%s] question in %s shortened from %d to %d characters",
+        error_id,
+        conversation.describe(),
+        length,
+        MAX_QUESTION_CHARS,
+    )
+    return Failure(
+        f"Note: your question was {length:,} characters long, so I read only its first "
+        f"{MAX_QUESTION_CHARS:,}. If the rest matters, send it in a follow-up message. "
+        f"(error id: {error_id})",
+        reason="shortened",
+    )
+
+
+def _no_backend_message(exc: NoBackendAvailable) -> tuple[str, str]:
+    """(message, metrics reason) for a question no backend answered. A request-specific refusal
+    says most (another try elsewhere would not help); otherwise the last backend tried speaks."""
+    causes = exc.causes
+    if not causes:
+        return (
+            "No model is configured: the local model is disabled (LLM_MODEL=none) and the GPT "
+            "fallback (OPENAI_API_KEY) is not set. An operator must set one of them; "
+            "`supportbot doctor` checks the configuration.",
+            "not_configured",
+        )
+    rejected = [c for c in causes if isinstance(c, RequestRejected)]
+    cause = next((c for c in rejected if c.too_long), rejected[0] if rejected else causes[-1])
+    if isinstance(cause, RequestRejected) and cause.too_long:
+        return (
+            "Your question and this conversation's history are too long for the model. "
+            "Shorten the question, clear the history with `/llm-settings forget`, "
+            "or lower max_new_tokens with /llm-settings.",
+            "too_long",
+        )
+    if isinstance(cause, RequestRejected):
+        return (
+            "The model refused this question as an invalid request. Please rephrase it; "
+            "if it keeps happening, tell an operator the error id.",
+            "rejected",
+        )
+    if isinstance(cause, RateLimited):
+        return (
+            "The model is rate-limited right now (too many requests). "
+            "Please ask again in a minute.",
+            "rate_limited",
+        )
+    if isinstance(cause, BackendTimeout):
+        return (
+            "The model took too long to answer, so I stopped waiting. "
+            "Please try again in a minute.",
+            "timeout",
+        )
+    if isinstance(cause, CircuitOpen):
+        return (
+            "The model has failed several times just now, so I'm giving it a short rest. "
+            "Please ask again in a minute.",
+            "circuit_open",
+        )
+    if all(isinstance(c, BackendUnavailable) for c in causes):
+        return (
+            "No model is available to answer: the configured models could not be loaded or "
+            "reached. An operator can run `supportbot doctor` to see why.",
+            "no_backend",
+        )
+    return (
+        "Sorry, the model failed while answering. Please try again in a minute; if it keeps "
+        "failing, an operator can run `supportbot doctor`.",
+        "failed",
+    )
 
 
 def _render_log(entries: list[AuditEntry]) -> str:

@@ -66,6 +66,21 @@ class BackendFailed(LLMError):
     """The backend raised or answered with an error while generating."""
 
 
+class RequestRejected(LLMError):
+    """The backend refused this one request (HTTP 400/413/422, …): the request is at fault, not
+    the backend, so the circuit breaker ignores it and other requests still go there.
+    `too_long`: the prompt (with room for the answer) does not fit the backend's context."""
+
+    def __init__(self, message: str, *, too_long: bool = False) -> None:
+        super().__init__(message)
+        self.too_long = too_long
+
+
+class RateLimited(LLMError):
+    """The backend asked us to slow down (HTTP 429) and the retries are spent: it is healthy,
+    so the breaker ignores it, but this question must go elsewhere or wait."""
+
+
 @dataclass(frozen=True, slots=True)
 class Prompt:
     """The messages of one question, encoded once by the backend that will answer them.

@@ -4,8 +4,12 @@ The primary (in-process EXAONE, or an OpenAI-compatible server via LLM_BASE_URL)
 can. GPT answers when the primary is disabled, failed to start, raised or timed out before any
 text reached the user. Once text has been streamed, a failure is reported instead: splicing two
 models' answers would mislead. A circuit breaker keeps a broken primary from being retried, and
-timing out, on every message. Each backend has its own stall timeout: the local model's and
-GPT's are set separately (LLM_TIMEOUT_SECONDS, OPENAI_TIMEOUT_SECONDS).
+timing out, on every message; it counts only the backend's health (connection, timeout, 5xx, an
+engine crash), never a refusal of one request (4xx such as a prompt too long for the context,
+or a rate limit): one channel's bad request must not take a backend away from the others.
+When no backend answers, `NoBackendAvailable.causes` says why, typed, for the user's message.
+Each backend has its own stall timeout: the local model's and GPT's are set separately
+(LLM_TIMEOUT_SECONDS, OPENAI_TIMEOUT_SECONDS).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Literal
 from bot.llm.base import (
     LLM,
     BackendBusy,
+    BackendFailed,
     BackendTimeout,
     BackendUnavailable,
     ChatMessage,
@@ -29,6 +34,8 @@ from bot.llm.base import (
     Finished,
     LLMError,
     Prompt,
+    RateLimited,
+    RequestRejected,
     StreamEvent,
 )
 from bot.ops import metrics
@@ -39,8 +46,18 @@ logger = logging.getLogger(__name__)
 Role = Literal["primary", "fallback"]
 
 
+class CircuitOpen(LLMError):
+    """The backend failed lately and its breaker is open: it is skipped until a trial call."""
+
+
 class NoBackendAvailable(LLMError):
-    """Neither the local model nor GPT can answer."""
+    """Neither the local model nor GPT can answer. `causes` says why, one typed error per
+    backend in chain order (BackendUnavailable, CircuitOpen, BackendTimeout, RateLimited,
+    RequestRejected, BackendFailed, …); empty when no backend is configured at all."""
+
+    def __init__(self, message: str, causes: Sequence[LLMError] = ()) -> None:
+        super().__init__(message)
+        self.causes = tuple(causes)
 
 
 class CircuitBreaker:
@@ -236,11 +253,17 @@ class LLMChain:
         self, prompt: Prompt, sampling: SamplingSettings
     ) -> AsyncGenerator[StreamEvent, None]:
         errors: list[str] = []
+        causes: list[LLMError] = []
         busy: BackendBusy | None = None
         for slot in self._slots:
             permit = None if slot.unavailable is not None else slot.breaker.acquire()
             if permit is None:
                 errors.append(f"{slot.llm.name}: {slot.unavailable or 'circuit open'}")
+                causes.append(
+                    BackendUnavailable(slot.unavailable)
+                    if slot.unavailable
+                    else CircuitOpen(f"{slot.llm.name}: circuit open")
+                )
                 self._passed_on(slot, "unavailable" if slot.unavailable else "circuit_open")
                 continue
             started = False
@@ -260,12 +283,27 @@ class LLMChain:
                 slot.breaker.release_trial()
                 busy = busy or exc
                 errors.append(f"{slot.llm.name}: {exc}")
+                causes.append(exc)
                 if not self.overflow_to_fallback:
                     raise
                 self._passed_on(slot, "busy")
+            except (RequestRejected, RateLimited) as exc:
+                # The backend answered, refusing this one request (too long, a bad parameter) or
+                # asking us to slow down: it is healthy, so other channels keep it. The next
+                # backend may still take the request (a larger context, its own rate limit).
+                slot.breaker.release_trial()
+                errors.append(f"{slot.llm.name}: {exc}")
+                causes.append(exc)
+                logger.warning("%s backend %s refused: %s", slot.role, slot.llm.name, exc)
+                if started:
+                    raise
+                self._passed_on(
+                    slot, "rejected" if isinstance(exc, RequestRejected) else "rate_limited"
+                )
             except Exception as exc:  # any failure of one backend is a reason to try the next
                 slot.breaker.failure()
                 errors.append(f"{slot.llm.name}: {_describe(exc)}")
+                causes.append(exc if isinstance(exc, LLMError) else BackendFailed(_describe(exc)))
                 logger.warning("%s backend %s failed: %s", slot.role, slot.llm.name, _describe(exc))
                 if started:
                     raise
@@ -276,9 +314,9 @@ class LLMChain:
                 if permit == "trial":
                     slot.breaker.release_trial()
                 raise
-        if busy is not None:
+        if busy is not None and not any(isinstance(c, RequestRejected) for c in causes):
             raise busy
-        raise NoBackendAvailable("; ".join(errors) if errors else "no backend configured")
+        raise NoBackendAvailable("; ".join(errors) if errors else "no backend configured", causes)
 
     def _status(self, slot: _Slot) -> BackendStatus:
         if slot.unavailable is not None:
@@ -299,7 +337,10 @@ class LLMChain:
         if usable:
             return usable[0]
         reasons = [f"{s.llm.name}: {s.unavailable}" for s in self._slots]
-        raise NoBackendAvailable("; ".join(reasons) if reasons else "no backend configured")
+        raise NoBackendAvailable(
+            "; ".join(reasons) if reasons else "no backend configured",
+            [BackendUnavailable(f"{s.llm.name}: {s.unavailable}") for s in self._slots],
+        )
 
     def _passed_on(self, slot: _Slot, reason: str) -> None:
         if slot is not self._slots[-1]:

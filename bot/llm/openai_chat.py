@@ -1,14 +1,17 @@
 """OpenAI chat completions (and OpenAI-compatible servers such as vLLM) as an `LLM` backend.
 
 Streams `POST /chat/completions` through the official `openai` SDK and translates its errors into
-the port's three kinds:
+the port's kinds:
 
 - `BackendUnavailable`: the backend is unusable as configured and retrying will not help: 401/403
   (bad or unauthorised key), 404 (unknown model or wrong base URL), 429 `insufficient_quota`.
 - `BackendTimeout`: no text within `timeout_s` of the call (retries included), or the connection
   stalled for longer than the read timeout.
-- `BackendFailed`: this request failed but the next may work: 400/422 (e.g. the prompt is too long),
-  429 and 5xx once the retries are spent, connection errors, malformed or truncated streams.
+- `RequestRejected`: other 4xx (400, 413, 422: the prompt too long, a bad parameter): this
+  request's fault, not the server's health.
+- `RateLimited`: 429 once the retries are spent.
+- `BackendFailed`: this request failed but the next may work: 5xx once the retries are spent,
+  connection errors, malformed or truncated streams.
 
 Retries are ours, not the SDK's, so that every fault before the first text is retried the same way
 and one call never sends more than `max_retries + 1` requests: 408/409/429/5xx (honouring
@@ -40,6 +43,8 @@ from bot.llm.base import (
     Finished,
     LLMError,
     Prompt,
+    RateLimited,
+    RequestRejected,
     StreamEvent,
 )
 from bot.sampling import SamplingSettings
@@ -375,6 +380,14 @@ class OpenAIChatLLM:
             return BackendUnavailable(message)
         if isinstance(err, openai.RateLimitError) and err.code == "insufficient_quota":
             return BackendUnavailable(message)
+        if isinstance(err, openai.RateLimitError):
+            return RateLimited(message)
+        if 400 <= err.status_code < 500 and err.status_code not in _RETRY_STATUSES:
+            # This request's fault (too long, a bad parameter): the server itself is fine.
+            too_long = err.code == "context_length_exceeded" or (
+                "maximum context length" in self._server_text(err).lower()  # vLLM's wording
+            )
+            return RequestRejected(message, too_long=too_long)
         return BackendFailed(message)
 
     def _server_text(self, err: openai.APIError) -> str:

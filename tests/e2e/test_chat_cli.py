@@ -94,7 +94,7 @@ def test_no_backend_gives_one_clear_message_not_a_traceback(env):
     env = {k: v for k, v in env.items() if not k.startswith("OPENAI_")}
     result = run_chat("hello\n", env)
     assert result.returncode == 0
-    assert "No model is available" in result.stdout
+    assert "No model is configured" in result.stdout
     assert "LLM_MODEL" in result.stdout and "OPENAI_API_KEY" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
 

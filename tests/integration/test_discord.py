@@ -286,7 +286,7 @@ async def test_a_failure_is_shown_with_an_error_id_and_no_raw_exception(
         await world.alice.send(world.channel, world.mention("help?"))
 
     (answer,) = world.answers()
-    assert "No model is available" in answer.content
+    assert "the model failed while answering" in answer.content
     assert "CUDA" not in answer.content and "Traceback" not in answer.content
     match = re.search(r"error id: (\w+)", answer.content)
     assert match and f"[error_id={match.group(1)}]" in caplog.text

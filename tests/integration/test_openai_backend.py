@@ -21,6 +21,8 @@ from bot.llm.base import (
     ChatMessage,
     Delta,
     Finished,
+    RateLimited,
+    RequestRejected,
     StreamEvent,
 )
 from bot.llm.openai_chat import OpenAIChatLLM
@@ -169,7 +171,7 @@ async def test_rate_limit_after_retries_is_a_failure(fake_openai: FakeOpenAI, ma
     fake_openai.fail(429, times=10, retry_after=0.01)
     llm = await make_llm(max_retries=1)
 
-    with pytest.raises(BackendFailed, match="HTTP 429"):
+    with pytest.raises(RateLimited, match="HTTP 429"):
         await collect(llm)
     assert len(fake_openai.chat_requests) == 2
 
@@ -201,10 +203,22 @@ async def test_permission_and_not_found_are_unavailable(
         await collect(await make_llm())
 
 
-async def test_bad_request_is_a_failure(fake_openai: FakeOpenAI, make_llm) -> None:
+async def test_a_prompt_too_long_is_a_rejected_request(fake_openai: FakeOpenAI, make_llm) -> None:
+    # vLLM's wording, without OpenAI's code: both are recognised as "too long".
     fake_openai.fail(400, message="This model's maximum context length is 128000 tokens.")
-    with pytest.raises(BackendFailed, match="maximum context length"):
+    with pytest.raises(RequestRejected, match="maximum context length") as caught:
         await collect(await make_llm())
+    assert caught.value.too_long
+
+
+async def test_other_bad_requests_are_rejected_but_not_too_long(
+    fake_openai: FakeOpenAI, make_llm
+) -> None:
+    fake_openai.fail(400, message="Invalid value for 'top_p'.")
+    with pytest.raises(RequestRejected) as caught:
+        await collect(await make_llm())
+    assert not caught.value.too_long
+    assert len(fake_openai.chat_requests) == 1  # the same request would fail again
 
 
 async def test_stall_before_headers_times_out(fake_openai: FakeOpenAI, make_llm) -> None:

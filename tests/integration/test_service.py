@@ -157,17 +157,30 @@ async def test_failure_after_text_is_reported_not_spliced(redis, caplog):
     assert await svc.store.history(KEY) == [Message("user", "hi")]  # the question is kept
 
 
-async def test_no_backend_message_names_the_settings_and_has_an_error_id(redis, caplog):
-    svc = make_service(redis, ScriptedLLM(fail_start="LLM_MODEL=none"), None)
+async def test_nothing_configured_names_the_settings_and_has_an_error_id(redis, caplog):
+    svc = make_service(redis, None, None)
     await svc.llm.start()
     with caplog.at_level(logging.ERROR):
         events, text = await collect(svc, KEY, "hi")
     assert text == ""
     (failure,) = events
-    assert isinstance(failure, Failure)
+    assert isinstance(failure, Failure) and failure.reason == "not_configured"
     assert "LLM_MODEL" in failure.message and "OPENAI_API_KEY" in failure.message
+    assert "not set" in failure.message
     assert "Traceback" not in failure.message
     assert f"[error_id={failure.error_id}]" in caplog.text
+
+
+async def test_a_configured_backend_that_failed_to_load_is_not_called_not_configured(redis, caplog):
+    svc = make_service(redis, ScriptedLLM(fail_start="weights missing"), None)
+    await svc.llm.start()
+    with caplog.at_level(logging.ERROR):
+        events, _ = await collect(svc, KEY, "hi")
+    (failure,) = events
+    assert isinstance(failure, Failure) and failure.reason == "no_backend"
+    assert "not set" not in failure.message and "OPENAI_API_KEY" not in failure.message
+    assert "could not be loaded" in failure.message and "supportbot doctor" in failure.message
+    assert f"[error_id={failure.error_id}]" in caplog.text and "weights missing" in caplog.text
 
 
 async def test_both_backends_failing_gives_a_clear_message(redis):
@@ -178,7 +191,10 @@ async def test_both_backends_failing_gives_a_clear_message(redis):
     )
     await svc.llm.start()
     events, _ = await collect(svc, KEY, "hi")
-    assert isinstance(events[-1], Failure) and "No model is available" in events[-1].message
+    failure = events[-1]
+    assert isinstance(failure, Failure) and failure.reason == "failed"
+    assert "the model failed while answering" in failure.message
+    assert "not set" not in failure.message and "OPENAI_API_KEY" not in failure.message
     assert await svc.store.history(KEY) == [Message("user", "hi")]
 
 

@@ -296,6 +296,16 @@ GPT_FAULTS: dict[str, tuple[Callable[[FakeOpenAI, int], None], str]] = {
     ),
 }
 
+# What the user is told for each fault: (metrics reason, words of the message).
+FAULT_REASONS = {
+    "429": ("rate_limited", "rate-limited"),
+    "500": ("failed", "the model failed while answering"),
+    "malformed": ("failed", "the model failed while answering"),
+    "cut": ("failed", "the model failed while answering"),
+    "timeout": ("timeout", "took too long"),
+    "timeout-after-headers": ("timeout", "took too long"),
+}
+
 
 def gpt_timeout(fault: str) -> float:
     # Short where the fault is silence, so the test is quick; long enough elsewhere that the
@@ -323,7 +333,9 @@ async def test_gpt_faults_are_retried_then_a_clear_message_with_an_id(
     assert len(fake_openai.chat_requests) == MAX_RETRIES + 1
     line = logged_failure(caplog, events)
     failure = events[-1]
-    assert isinstance(failure, Failure) and "No model is available" in failure.message
+    assert isinstance(failure, Failure) and failure.reason == FAULT_REASONS[fault][0]
+    assert FAULT_REASONS[fault][1] in failure.message  # what happened, by reason
+    assert "OPENAI_API_KEY" not in failure.message and "not set" not in failure.message
     assert cause in line
     if fault in ("429", "500"):
         assert fake_openai.chat_requests[-1].request_id in line  # OpenAI's id, for support
@@ -389,7 +401,8 @@ async def test_both_down_is_a_clear_message_and_recovery_closes_the_circuit(
                 events, _ = await ask(svc, question)
                 line = logged_failure(caplog, events)
                 failure = events[-1]
-                assert isinstance(failure, Failure) and "No model is available" in failure.message
+                assert isinstance(failure, Failure) and failure.reason == "failed"
+                assert "the model failed while answering" in failure.message
                 assert "out of memory" in line and "HTTP 500" in line  # both reasons
                 assert "supportbot doctor" in failure.message
         assert len(fake_openai.chat_requests) == 2 * (MAX_RETRIES + 1)

@@ -117,9 +117,13 @@ async def test_hostile_questions_through_the_slack_app(
             assert stored == [Message("user", case.stored), Message("assistant", answer.strip())]
             check_prompt(backend, case.stored, settings.system_prompt)
             assert all(len(reply) <= SLACK_TEXT_LIMIT for reply in replies), case.name
-            assert " ".join(replies).split() == answer.split(), case.name
-            if case.text is LONG:
+            shown = " ".join(replies)
+            if case.text is LONG:  # cut, and the user is told so after the answer
                 assert len(replies) == 5  # 16,006 characters in messages of at most 3,900
+                shown, note = shown.split("Note: ")
+                assert "was 39,999 characters long" in note  # trimmed and "first 16,000" in note
+                assert "error id:" in note
+            assert shown.split() == answer.split(), case.name
 
         answered = sum(case.stored is not None for case in CASES)
         assert len(backend.calls) == answered
@@ -148,6 +152,9 @@ async def test_hostile_questions_through_the_service(
             assert stored == [], case.name
             continue
         assert isinstance(events[-1], Finished), (case.name, events[-1])
+        notices = [e for e in events if isinstance(e, Failure)]
+        assert len(notices) == (case.text is LONG), case.name  # only a cut question says so
+        assert all("read only its first 16,000" in n.message for n in notices)
         text = "".join(e.text for e in events if isinstance(e, Delta))
         assert text == f"echo: {case.stored}", case.name
         assert stored[0] == Message("user", case.stored), case.name
@@ -158,7 +165,7 @@ async def test_hostile_questions_through_the_service(
     tight = make_service(redis, small)  # type: ignore[arg-type]
     await tight.llm.start()
     key = ConversationKey("console", "local", "small-model")
-    (failure,) = [event async for event in tight.ask(key, user, LONG)]
+    _, failure = [event async for event in tight.ask(key, user, LONG)]  # shortened, too long
     assert isinstance(failure, Failure) and failure.reason == "too_long" and failure.error_id
     assert "too long for the model" in failure.message
     assert f"(error id: {failure.error_id})" in failure.message

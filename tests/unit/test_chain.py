@@ -10,8 +10,16 @@ from collections.abc import Sequence
 
 import pytest
 
-from bot.llm.base import BackendFailed, ChatMessage, Delta, Finished, Prompt
-from bot.llm.chain import Backend, BackendState, LLMChain, NoBackendAvailable
+from bot.llm.base import (
+    BackendFailed,
+    ChatMessage,
+    Delta,
+    Finished,
+    Prompt,
+    RateLimited,
+    RequestRejected,
+)
+from bot.llm.chain import Backend, BackendState, CircuitOpen, LLMChain, NoBackendAvailable
 from bot.sampling import SamplingSettings
 from tests.support.backends import ScriptedLLM
 
@@ -198,3 +206,43 @@ async def test_a_trial_whose_consumer_leaves_lets_the_next_question_try_the_loca
 
     assert (await answer(chain))[1] == "test:local"
     assert chain.status()[0].state is BackendState.READY
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [RequestRejected("HTTP 400 context_length_exceeded", too_long=True), RateLimited("HTTP 429")],
+)
+async def test_refused_requests_fall_back_but_never_open_the_circuit(refusal) -> None:
+    local, gpt = ScriptedLLM(label="local"), ScriptedLLM(label="gpt")
+    chain = LLMChain(local, gpt, breaker_threshold=2)
+    await chain.start()
+    local.raise_error = refusal
+    for _ in range(3):  # more than the threshold: still GPT, and the local model still asked
+        assert (await answer(chain))[1] == "test:gpt"
+    assert len(local.calls) == 3
+    assert chain.status()[0].state is BackendState.READY
+    local.raise_error = None
+    assert (await answer(chain))[1] == "test:local"
+
+
+async def test_when_no_backend_answers_the_causes_are_typed_in_chain_order() -> None:
+    clock = Clock()
+    local, gpt = ScriptedLLM(label="local"), ScriptedLLM(label="gpt")
+    chain = LLMChain(local, gpt, clock=clock)
+    await chain.start()
+    local.raise_error = BackendFailed("CUDA error")
+    gpt.raise_error = RequestRejected("HTTP 400", too_long=True)
+    with pytest.raises(NoBackendAvailable) as caught:
+        await answer(chain)
+    first, second = caught.value.causes
+    assert isinstance(first, BackendFailed) and isinstance(second, RequestRejected)
+    with pytest.raises(NoBackendAvailable):
+        await answer(chain)  # the local model's second failure opens its circuit
+    with pytest.raises(NoBackendAvailable) as caught:
+        await answer(chain)
+    assert isinstance(caught.value.causes[0], CircuitOpen)
+    assert chain.status()[1].state is BackendState.READY  # GPT's refusals count for nothing
+
+    with pytest.raises(NoBackendAvailable) as caught:
+        await answer(LLMChain(None, None))
+    assert caught.value.causes == ()  # nothing configured
