@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from bot.llm import hub
 from bot.llm.base import BackendUnavailable
 
 if TYPE_CHECKING:
@@ -71,18 +72,14 @@ def resolve_model_dir(model: str, *, include_code: bool = False) -> Path:
     local = Path(model).expanduser()
     if local.is_dir():
         return local.resolve()
-
-    from huggingface_hub import snapshot_download
-
-    patterns = [*_WEIGHT_AND_CONFIG_FILES, "*.py"] if include_code else _WEIGHT_AND_CONFIG_FILES
-    try:
-        snapshot = snapshot_download(repo_id=model, allow_patterns=patterns)
-    except Exception as exc:  # invalid id, not found, gated, offline without a cached copy, ...
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
         raise BackendUnavailable(
-            f"local model {model!r} is neither a directory nor a Hugging Face Hub repository that "
-            f"could be downloaded or found in the local cache ({type(exc).__name__}: {exc})"
-        ) from exc
-    return Path(snapshot)
+            f"local model {model!r} is not a directory; point LLM_MODEL at a checkpoint "
+            "directory or a Hugging Face Hub id (org/name)"
+        )
+    patterns = [*_WEIGHT_AND_CONFIG_FILES, "*.py"] if include_code else _WEIGHT_AND_CONFIG_FILES
+    # Bounded and logged: a hub that never answers costs HF_HUB_DOWNLOAD_TIMEOUT, not forever.
+    return hub.download(model, patterns)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

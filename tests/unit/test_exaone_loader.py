@@ -331,11 +331,15 @@ def test_local_directory_is_used_as_is(tiny_exaone_dir: Path) -> None:
 
 def test_missing_directory_is_unavailable_with_a_clear_message(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-model")
-    with pytest.raises(BackendUnavailable, match="neither a directory nor a Hugging Face Hub") as e:
+    with pytest.raises(BackendUnavailable, match="is not a directory; point LLM_MODEL at") as e:
         resolve_model_dir(missing)
     assert missing in str(e.value)
 
 
 def test_uncached_hub_id_offline_is_unavailable() -> None:
-    with pytest.raises(BackendUnavailable, match="LGAI-EXAONE/no-such-model-for-tests"):
+    with pytest.raises(BackendUnavailable, match="LGAI-EXAONE/no-such-model-for-tests") as e:
         resolve_model_dir("LGAI-EXAONE/no-such-model-for-tests")
+    # One line: what failed, why, and what to do.
+    assert "\n" not in str(e.value)
+    assert "HF_HUB_OFFLINE is set and it is not in the local cache" in str(e.value)
+    assert "point LLM_MODEL at a checkpoint directory, or set OPENAI_API_KEY" in str(e.value)

@@ -38,10 +38,37 @@ def test_env_example_has_no_secret_values_and_loads():
     Settings(_env_file=repo_root() / ".env.example")  # type: ignore[call-arg]
 
 
-def test_ci_runs_exactly_the_readme_test_command():
-    readme = (repo_root() / "README.md").read_text()
-    section = readme.split("## Test", 1)[1]
-    command = section.split("```sh\n", 1)[1].split("\n```", 1)[0].strip()
-    ci = (repo_root() / ".ci" / "run").read_text()
-    assert command in ci.splitlines()
-    assert ci.index("torch==2.13.0") < ci.index('-e ".[dev]"') < ci.index(command)
+def readme_block(heading: str) -> list[str]:
+    """The commands of the first ```sh block under a README heading, comments dropped."""
+    section = (repo_root() / "README.md").read_text().split(f"## {heading}\n", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("\n```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_ci_installs_and_tests_exactly_as_the_readme_says():
+    install = [line for line in readme_block("Install and run") if line.startswith("pip ")]
+    (test_command,) = readme_block("Test")
+    ci = (repo_root() / ".ci" / "run").read_text().splitlines()
+    # Every README line is a line of .ci/run, in the README's order, the test command last.
+    positions = [ci.index(line) for line in [*install, test_command]]
+    assert positions == sorted(positions)
+    assert install == [
+        "pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu",
+        'pip install -e ".[dev]"',
+    ]
+
+
+def test_readme_says_what_differs_on_a_gpu_host_before_the_install():
+    section = (repo_root() / "README.md").read_text().split("## Install and run\n", 1)[1]
+    before_install = section.split("```sh", 1)[0]
+    assert "without an NVIDIA GPU" in before_install
+    assert "on a GPU host leave that first line out" in before_install
+
+
+def test_the_dev_extra_has_what_the_tests_run():
+    import tomllib
+
+    project = tomllib.loads((repo_root() / "pyproject.toml").read_text())["project"]
+    dev = " ".join(project["optional-dependencies"]["dev"])
+    for tool in ("pytest", "pytest-asyncio", "ruff", "mypy", "transformers[serving]"):
+        assert tool in dev
