@@ -62,9 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # loads slack-bolt or discord.py.
         module = importlib.import_module(_SERVICES[args.command])
         return int(asyncio.run(module.run(settings)))
-    except (RedisServerError, StartupError) as exc:
+    except RedisServerError as exc:
         print(f"supportbot: {exc}", file=sys.stderr)
         return 1
+    except StartupError as exc:  # 2: invalid configuration, 1: a dependency unreachable
+        print(f"supportbot: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except OSError as exc:  # e.g. REDIS_URL unreachable

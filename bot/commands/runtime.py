@@ -7,6 +7,10 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from redis.exceptions import AuthenticationError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot.config import Settings
 from bot.conversation import StoreError
@@ -15,7 +19,7 @@ from bot.llm.chain import Backend, LLMChain
 from bot.ops.metrics import PrometheusObserver
 from bot.ops.redis_server import RedisServer
 from bot.service import SupportService
-from bot.store import RedisStore, connect_redis
+from bot.store import RedisStore, RedisUrlError, connect_redis
 
 if TYPE_CHECKING:
     from bot.llm.engine import BatchingEngine
@@ -25,7 +29,41 @@ logger = logging.getLogger(__name__)
 
 
 class StartupError(Exception):
-    """The bot cannot serve as configured; str() is one line for the operator."""
+    """The bot cannot serve as configured; str() is one line for the operator. `exit_code`:
+    2 when the configuration is invalid (fix it), 1 when a dependency is unreachable."""
+
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def redis_startup_error(exc: StoreError | RedisUrlError, url: str) -> StartupError:
+    """One line naming REDIS_URL for a Redis that cannot be used: invalid (a bad URL, a wrong
+    password, a database index the server does not have) or unreachable. Never the password."""
+    if isinstance(exc, RedisUrlError):
+        return StartupError(str(exc), exit_code=2)
+    cause = exc.__cause__
+    text = str(cause).lower()
+    parts = urlsplit(url)
+    where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+    if isinstance(cause, AuthenticationError) or "noauth" in text or "wrongpass" in text:
+        return StartupError(
+            f"REDIS_URL: Redis at {where} refused the credentials (wrong or missing password "
+            "or user); fix the password in REDIS_URL",
+            exit_code=2,
+        )
+    if "db index" in text or "invalid database" in text:
+        return StartupError(
+            f"REDIS_URL: Redis at {where} has no database {parts.path.strip('/')} (the index "
+            "is out of range); use one it has, such as /0",
+            exit_code=2,
+        )
+    reason = "timed out" if isinstance(cause, TimeoutError | RedisTimeoutError) else "failed"
+    return StartupError(
+        f"REDIS_URL: cannot reach Redis at {where} (connection {reason}); "
+        "check that it is running and the host and port are right",
+        exit_code=1,
+    )
 
 
 @dataclass
@@ -136,8 +174,12 @@ async def build(
         url = embedded.url
     else:
         url = settings.redis_url.get_secret_value()
+    try:
+        redis = connect_redis(url)
+    except RedisUrlError as exc:
+        raise redis_startup_error(exc, url) from None
     store = RedisStore(
-        connect_redis(url),
+        redis,
         defaults=settings.default_sampling,
         max_new_tokens_limit=settings.llm_max_new_tokens_limit,
         max_messages=settings.history_max_messages,
@@ -145,7 +187,10 @@ async def build(
     )
     chain = llm
     try:
-        await store.ping()
+        try:
+            await store.ping()
+        except StoreError as exc:
+            raise redis_startup_error(exc, url) from None
         chain = chain or build_backends(settings)
         await chain.start()
         if require_backend and not chain.ready:
