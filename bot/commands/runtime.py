@@ -116,6 +116,8 @@ def build_backends(settings: Settings) -> LLMChain:
             max_retries=settings.openai_max_retries,
             send_top_k=True,
             label="server",
+            # vLLM publishes its max_model_len in /v1/models: read it unless the operator set it.
+            discover_context=settings.llm_context_tokens is None,
         )
     elif settings.local_model_enabled:
         primary = build_local(settings)
@@ -130,6 +132,8 @@ def build_backends(settings: Settings) -> LLMChain:
             context_window=settings.openai_context_tokens,
             timeout_s=settings.openai_timeout_seconds,
             max_retries=settings.openai_max_retries,
+            discover_context=settings.openai_base_url is not None
+            and "openai_context_tokens" not in settings.model_fields_set,
         )
     return LLMChain(
         Backend(primary, settings.llm_timeout_seconds) if primary else None,

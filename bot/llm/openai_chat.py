@@ -19,7 +19,18 @@ Retry-After and x-should-retry), connection errors, a server silent for its shar
 and a malformed, cut or unfinished stream. Once text has been yielded nothing is retried: the
 caller would get two answers spliced together.
 
-Messages carry the status code and the server's request id for the logs, never the API key.
+Messages carry the status code, the server's request id and its own words (its `message` or
+FastAPI's `detail`) for the logs, never the API key.
+
+Servers differ in what they accept: `transformers serve` refuses `top_k` with HTTP 422
+"Unexpected fields in the request: {'top_k'}". A 400/422 that names a field we sent but could do
+without (`top_k`, `top_p`, `temperature`, `stream_options`; `max_completion_tokens` becomes
+`max_tokens`) is retried at once without it, once per field, and the field is remembered: it is
+never sent again, and the sampling key it carried is listed in `unsupported`, so
+`/llm-settings show` says the server does not honour it.
+
+`start()` reads the server's context window from `GET /models` where it publishes one (vLLM's
+`max_model_len`) unless the operator set it.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 
@@ -66,6 +78,24 @@ _INITIAL_BACKOFF_S = 0.5
 _MAX_BACKOFF_S = 8.0
 # Statuses worth another attempt (the SDK's list); others are the request's or the key's fault.
 _RETRY_STATUSES = frozenset({408, 409, 429})
+# Request fields a server may refuse that the answer can do without -> the sampling key each
+# carries (None: no setting is lost).
+_OPTIONAL_FIELDS: dict[str, str | None] = {
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "temperature": "temperature",
+    "max_completion_tokens": None,  # sent as max_tokens instead
+    "stream_options": None,  # only the token usage is lost
+}
+_FIELD_STATUSES = frozenset({400, 422})
+# How servers word a field they do not take (pydantic's "Extra inputs are not permitted", ...).
+_REFUSAL = re.compile(
+    r"unexpected|unknown|unsupported|not supported|does not support|unrecognized|extra"
+    r"|not permitted|not allowed",
+    re.IGNORECASE,
+)
+# Where servers publish the context window in GET /models (vLLM: max_model_len).
+_CONTEXT_FIELDS = ("max_model_len", "context_length", "context_window", "max_context_length")
 
 
 class _Retryable(Exception):
@@ -75,6 +105,15 @@ class _Retryable(Exception):
         super().__init__(str(error))
         self.error = error
         self.retry_after = retry_after  # seconds the server asked us to wait, if it said
+
+
+class _FieldRefused(Exception):
+    """The server refused a request field we can do without."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(field)
+        self.field = field
+        self.detail = detail
 
 
 class OpenAIChatLLM:
@@ -98,6 +137,7 @@ class OpenAIChatLLM:
         max_retries: int = 2,
         send_top_k: bool = False,
         label: str = "openai",
+        discover_context: bool = False,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
@@ -110,6 +150,8 @@ class OpenAIChatLLM:
         self._timeout_s = timeout_s
         self._max_retries = max_retries
         self._send_top_k = send_top_k
+        self._discover_context = discover_context
+        self._refused: set[str] = set()  # request fields this server refused: never sent again
         self._name = f"{label}:{model}"
         self._client: openai.AsyncOpenAI | None = None
 
@@ -126,7 +168,10 @@ class OpenAIChatLLM:
 
     @property
     def unsupported(self) -> frozenset[str]:
-        return frozenset() if self._send_top_k else frozenset({"top_k"})
+        keys = {_OPTIONAL_FIELDS[field] for field in self._refused}
+        if not self._send_top_k:
+            keys.add("top_k")
+        return frozenset(key for key in keys if key is not None)
 
     def encode(self, messages: Sequence[ChatMessage]) -> Prompt:
         """The messages as they will be sent, with the estimate of `count_each` (no tokenizer:
@@ -172,6 +217,28 @@ class OpenAIChatLLM:
             # stream() retries, also what the SDK would not (a silent or malformed stream).
             max_retries=0,
         )
+        if self._discover_context:
+            await self._read_context_window(self._client)
+
+    async def _read_context_window(self, client: openai.AsyncOpenAI) -> None:
+        """The server's context window for our model from GET /models, where it says (vLLM's
+        `max_model_len`); the configured value stays when it does not or cannot answer."""
+        try:
+            async with asyncio.timeout(min(_CONNECT_TIMEOUT_S, self._timeout_s)):
+                page = await client.models.list()
+        except (openai.OpenAIError, TimeoutError) as exc:
+            log.info("%s: no context window from GET /models (%s)", self._name, type(exc).__name__)
+            return
+        for entry in page.data:
+            if entry.id != self._model:
+                continue
+            extra = entry.model_extra or {}
+            for field in _CONTEXT_FIELDS:
+                value = extra.get(field)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    self._context_window = value
+                    log.info("%s: context window %d (the server's %s)", self._name, value, field)
+                    return
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -204,6 +271,17 @@ class OpenAIChatLLM:
                     async for event in events:
                         yield event
                 return
+            except _FieldRefused as refused:
+                # Retried at once without the field; each field is refused once at most, so
+                # this ends. Logged once per field: from now on it is not sent.
+                self._refused.add(refused.field)
+                log.warning(
+                    "%s does not accept %r (%s); sending requests without it from now on",
+                    self._name,
+                    refused.field,
+                    refused.detail,
+                )
+                continue
             except _Retryable as failed:
                 delay = self._backoff(attempt, failed.retry_after, deadline - loop.time())
                 if answered or attempt >= self._max_retries or delay is None:
@@ -300,26 +378,65 @@ class OpenAIChatLLM:
         messages: Sequence[ChatMessage],
         sampling: SamplingSettings,
     ) -> openai.AsyncStream[ChatCompletionChunk]:
+        omit = openai.omit
+        extra_body: dict[str, object] = {}
+        temperature: float | openai.Omit
         if sampling.do_sample:
             temperature = sampling.temperature
             top_p: float | openai.Omit = sampling.top_p
-            extra_body = {"top_k": sampling.top_k} if self._send_top_k else None
+            if self._send_top_k:
+                extra_body["top_k"] = sampling.top_k
         else:
             # Greedy decoding as far as the API allows: temperature 0 picks the likeliest token,
             # but OpenAI does not promise identical outputs for identical requests (batching and
             # hardware nondeterminism), so do_sample=false is only near-deterministic there.
             # vLLM treats temperature 0 as greedy and ignores top_p/top_k, so neither is sent.
-            temperature, top_p, extra_body = 0.0, openai.omit, None
-        return await client.chat.completions.create(
-            model=self._model,
-            messages=[_message_param(m) for m in messages],
-            temperature=temperature,
-            top_p=top_p,
-            max_completion_tokens=sampling.max_new_tokens,
-            stream=True,
-            stream_options={"include_usage": True},  # the last chunk then carries the usage
-            extra_body=extra_body,
-        )
+            temperature, top_p = 0.0, omit
+        refused = self._refused
+        max_tokens: int | openai.Omit = omit
+        max_completion_tokens: int | openai.Omit = sampling.max_new_tokens
+        if "max_completion_tokens" in refused:
+            max_tokens, max_completion_tokens = sampling.max_new_tokens, omit
+        extra_body = {k: v for k, v in extra_body.items() if k not in refused}
+        try:
+            return await client.chat.completions.create(
+                model=self._model,
+                messages=[_message_param(m) for m in messages],
+                temperature=omit if "temperature" in refused else temperature,
+                top_p=omit if "top_p" in refused else top_p,
+                max_completion_tokens=max_completion_tokens,
+                max_tokens=max_tokens,
+                stream=True,
+                # The last chunk then carries the usage.
+                stream_options=omit if "stream_options" in refused else {"include_usage": True},
+                extra_body=extra_body or None,
+            )
+        except openai.APIStatusError as err:
+            field = self._refused_field(err, sent=self._sent_fields(sampling))
+            if field is None:
+                raise
+            raise _FieldRefused(field, self._status_detail(err)) from None
+
+    def _sent_fields(self, sampling: SamplingSettings) -> set[str]:
+        """The optional fields a request with these settings carries."""
+        sent = {"max_completion_tokens", "stream_options", "temperature"}
+        if sampling.do_sample:
+            sent.add("top_p")
+            if self._send_top_k:
+                sent.add("top_k")
+        return sent - self._refused
+
+    def _refused_field(self, err: openai.APIStatusError, *, sent: set[str]) -> str | None:
+        """The optional field a 400/422 names, when it names one we sent."""
+        if err.status_code not in _FIELD_STATUSES:
+            return None
+        text = self._server_text(err)
+        if not _REFUSAL.search(text):
+            return None  # e.g. a value out of range: the field is understood, keep it
+        for field in sorted(sent):
+            if re.search(rf"(?<![A-Za-z_]){re.escape(field)}(?![A-Za-z_])", text):
+                return field
+        return None
 
     @contextlib.contextmanager
     def _translate_errors(self) -> Iterator[None]:
@@ -367,12 +484,14 @@ class OpenAIChatLLM:
             return should == "true"
         return err.status_code in _RETRY_STATUSES or err.status_code >= 500
 
-    def _status_error(self, err: openai.APIStatusError) -> LLMError:
+    def _status_detail(self, err: openai.APIStatusError) -> str:
         detail = f"HTTP {err.status_code}"
         if err.code:
             detail += f" {err.code}"
-        detail += f" (request id {err.request_id or 'none'}): {self._server_text(err)}"
-        message = f"{self._name}: {detail}"
+        return detail + f" (request id {err.request_id or 'none'}): {self._server_text(err)}"
+
+    def _status_error(self, err: openai.APIStatusError) -> LLMError:
+        message = f"{self._name}: {self._status_detail(err)}"
         if isinstance(
             err,
             openai.AuthenticationError | openai.PermissionDeniedError | openai.NotFoundError,
@@ -396,7 +515,12 @@ class OpenAIChatLLM:
         Servers may echo the key (OpenAI echoes a masked one on 401; proxies may not mask it).
         """
         body = err.body
-        text = body.get("message") if isinstance(body, dict) else None
+        text: object = None
+        if isinstance(body, dict):
+            # OpenAI and vLLM: "message"; FastAPI servers (transformers serve): "detail".
+            text = body.get("message") or body.get("detail")
+            if isinstance(text, list | dict):  # FastAPI's validation errors
+                text = str(text)
         if not isinstance(text, str) or not text:
             text = err.message
         if self._api_key:
