@@ -4,7 +4,6 @@ window: OpenAIChatLLM learns both, with the real `openai` client against the fak
 from __future__ import annotations
 
 # ruff: noqa: F811 - make_llm is a fixture imported from test_openai_backend
-
 import logging
 
 import pytest
