@@ -56,11 +56,11 @@ def served(llama_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     assert program, "transformers serve comes with the dev extra (transformers[serving])"
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     args = [program, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     with log.open("w") as out:
         server = subprocess.Popen(
-            [*args, str(llama_copy)], stdout=out, stderr=subprocess.STDOUT, env=env
+            [*args, str(llama_copy)], stdout=out, stderr=subprocess.STDOUT, env=offline
         )
     try:
         deadline = time.monotonic() + 60
