@@ -35,7 +35,7 @@ def llama_copy(tiny_exaone_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     model, tokenizer = load_model_and_tokenizer(tiny_exaone_dir, "cpu", torch.float32)
     # A fresh Llama module: saving the loaded one would write EXAONE's names back.
-    llama = LlamaForCausalLM(model.config)
+    llama = LlamaForCausalLM(model.config)  # type: ignore[arg-type]  # a LlamaConfig
     llama.load_state_dict(model.state_dict())
     out = tmp_path_factory.mktemp("tiny-llama")
     llama.save_pretrained(out)
