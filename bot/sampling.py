@@ -66,6 +66,11 @@ SPECS: dict[str, KeySpec] = {
 KEYS: tuple[str, ...] = tuple(SPECS)
 COMMAND = "/llm-settings"
 
+# Below this temperature, sampling is decoded greedily: greedy is the limit of sampling as the
+# temperature goes to 0, and dividing logits by a smaller number can overflow to inf/NaN in the
+# model's float32 (1e-320 is even 0.0 there). `/llm-settings show` says so.
+GREEDY_BELOW_TEMPERATURE = 1e-3
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingSettings:
@@ -83,6 +88,11 @@ class SamplingSettings:
 
     def with_overrides(self, overrides: Mapping[str, SettingValue]) -> SamplingSettings:
         return replace(self, **overrides)  # type: ignore[arg-type]
+
+    @property
+    def greedy(self) -> bool:
+        """Whether engines decode greedily: do_sample off, or a temperature below the floor."""
+        return not self.do_sample or self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 _FLOAT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")

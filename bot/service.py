@@ -45,6 +45,7 @@ from bot.llm.chain import BackendStatus, CircuitOpen, NoBackendAvailable
 from bot.ops.logging import correlation_id, new_correlation_id
 from bot.prompt import PromptTooLong, build_prompt
 from bot.sampling import (
+    GREEDY_BELOW_TEMPERATURE,
     KEYS,
     AuditEntry,
     Change,
@@ -416,6 +417,11 @@ class SupportService:
             ]
             if not channel.effective.do_sample and name in ("temperature", "top_k", "top_p"):
                 notes.append("unused while do_sample is false (greedy)")
+            elif name == "temperature" and channel.effective.greedy:
+                # Issue 12: the local engines decode a near-zero temperature greedily (its limit).
+                notes.append(
+                    f"below {GREEDY_BELOW_TEMPERATURE:g}, the local model decodes greedily"
+                )
             note = f" — {'; '.join(notes)}" if notes else ""
             lines.append(f"• {name} = {format_value(value)} ({source}){note}")
         lines.append("")

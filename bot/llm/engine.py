@@ -2,14 +2,16 @@
 
 transformers' continuous batching (`model.init_continuous_batching`) runs a generation thread
 with a paged KV cache; requests join and leave the running batch at every step, so the tenth
-channel does not wait for nine whole answers. Sampling is per request
-(`ContinuousBatchingConfig(per_request_processors=True)`). `do_sample` is global there, so the
-engine always samples and expresses greedy decoding as `top_k=1`, which leaves only the argmax
-token (tests check it equals greedy `generate` token for token).
+channel does not wait for nine whole answers. The engine decodes greedily (`do_sample=False`) and
+`sampler.RequestSampler` marks the token each sampling request drew, so greedy requests get the
+plain argmax with no processor at all (tests check it equals `generate` token for token beside
+sampling requests), and no request's values can turn a step into inf/NaN and fail the batch: a
+temperature below `GREEDY_BELOW_TEMPERATURE` is decoded greedily, its mathematical limit.
 
 Tokens arrive on the event loop through `register_result_handler`, registered before the request
-is added under an id of our own, so no early output can miss it. Text is decoded incrementally per
-request, once per wake-up whatever the number of tokens that arrived. A bounded number of requests
+is added under an id of our own, so no early output can miss it. Each output carries every token
+so far, so the handler only keeps the latest and wakes the stream; text is decoded incrementally,
+once per wake-up whatever the number of tokens that arrived. A bounded number of requests
 may be in the engine at once: past it, the request raises BackendBusy, so the chain sends it to
 GPT or the user is told how many are ahead.
 
@@ -41,18 +43,13 @@ from bot.llm.base import (
 )
 from bot.llm.loader import LoadedModel, Loader, free_memory, open_model
 from bot.ops import metrics
-from bot.sampling import SPECS, SamplingSettings
+from bot.sampling import SamplingSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
-# Sampling values the engine is created with: the table's defaults. Each processor exists only if
-# its creation value is not a no-op (temperature 1.0, top_p 1.0), and only existing processors
-# take per-request values; requests always pass their own.
-_CREATION_SAMPLING = {key: SPECS[key].default for key in ("temperature", "top_k", "top_p")}
-assert _CREATION_SAMPLING["temperature"] != 1.0 and _CREATION_SAMPLING["top_p"] != 1.0
 # transformers.generation.continuous_batching.utils logs under this name.
 _ENGINE_LOGGER = "ContinuousBatchingLogger"
 
@@ -131,14 +128,38 @@ def _drop_handler_later(manager: Any, request_id: str, delay_s: float = 5.0) -> 
 
 
 def _request_kwargs(sampling: SamplingSettings) -> dict[str, Any]:
-    if not sampling.do_sample:
-        # Greedy: only the argmax token survives top-k=1, whatever the temperature.
-        return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+    """What RequestSampler reads per request: temperature 0 means greedy."""
+    if sampling.greedy:
+        return {"temperature": 0.0, "top_k": 1, "top_p": 1.0}
     return {
         "temperature": float(sampling.temperature),
         "top_k": int(sampling.top_k),
         "top_p": float(sampling.top_p),
     }
+
+
+class _Latest:
+    """The newest output of one request and a wake-up for its stream: outputs carry every token
+    so far, so older ones are dropped unread. A terminal output (finished or failed) is never
+    replaced: nothing comes after it."""
+
+    __slots__ = ("_event", "_output")
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._output: Any = None
+
+    def put(self, output: Any) -> None:  # on the event loop (transformers' call_soon_threadsafe)
+        current = self._output
+        if current is not None and (current.error is not None or current.is_finished()):
+            return
+        self._output = output
+        self._event.set()
+
+    async def get(self) -> Any:
+        await self._event.wait()
+        self._event.clear()
+        return self._output
 
 
 class BatchingEngine:
@@ -233,26 +254,43 @@ class BatchingEngine:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+        from bot.llm.sampler import RequestSampler
+
         on_gpu = loaded.device.startswith("cuda")
+        # Greedy at the engine level: transformers takes the argmax of what RequestSampler
+        # returns, and creates no processor of its own.
         generation = GenerationConfig(  # type: ignore[no-untyped-call]
-            do_sample=True,
+            do_sample=False,
             max_new_tokens=256,
             eos_token_id=loaded.eos_token_ids,
             pad_token_id=loaded.pad_token_id,
-            **_CREATION_SAMPLING,
         )
-        # On a GPU the cache is sized from free memory and CUDA graphs are chosen automatically;
-        # on a CPU a small fixed cache keeps start-up quick and RAM use modest.
-        sizing: dict[str, Any] = {} if on_gpu else {"num_blocks": 64, "max_batch_tokens": 512}
-        config = ContinuousBatchingConfig(per_request_processors=True, **sizing)
+        # On a GPU the cache is sized from free memory, and CUDA graphs and async batching are
+        # chosen by transformers (they need a flash attention path). On a CPU a small fixed
+        # cache keeps start-up quick, and steps run one after another, which RequestSampler's
+        # host-side shortcuts rely on.
+        sizing: dict[str, Any] = (
+            {}
+            if on_gpu
+            else {"num_blocks": 64, "max_batch_tokens": 512, "use_async_batching": False}
+        )
+        config = ContinuousBatchingConfig(**sizing)
         model: Any = loaded.model
         manager = model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=config
         )
+        # Read when the generation loop builds its batch processor (start()), not before.
+        manager.logit_processor = RequestSampler(branch_free=on_gpu)
         _route_engine_logs()
         if on_gpu:
-            manager.warmup()  # capture CUDA graphs now, not during the first answer
+            manager.warmup()  # capture CUDA graphs now, if transformers chose them
         manager.start()
+        varlen, decode = manager.continuous_batching_config.cuda_graph_booleans
+        logger.info(
+            "batching engine: attention %s, CUDA graphs %s",
+            model.config._attn_implementation,
+            "on" if varlen or decode else "off",
+        )
         return manager
 
     async def stream(
@@ -276,9 +314,9 @@ class BatchingEngine:
             if ids is None:  # encoded by another backend: encode here, off the loop
                 encoded = await asyncio.to_thread(loaded.encode, prompt.messages)
                 ids = cast("list[int]", encoded.ids)
-            results: asyncio.Queue[Any] = asyncio.Queue()
+            latest = _Latest()
             # Before add_request: the engine thread may produce the first output at once.
-            manager.register_result_handler(request_id, results.put_nowait)
+            manager.register_result_handler(request_id, latest.put)
             registered = True
             accepted = manager.add_request(
                 list(ids),
@@ -294,14 +332,11 @@ class BatchingEngine:
             decoder = IncrementalDecoder(loaded.tokenizer)
             first_text_s: float | None = None
             while True:
-                result = await results.get()
-                # Outputs carry every token so far: decode only the latest one that arrived.
-                while result.error is None and not result.is_finished() and not results.empty():
-                    result = results.get_nowait()
+                result = await latest.get()
                 if result.error is not None:
                     finished = True
                     raise BackendFailed(f"{self.name}: engine error: {result.error}")
-                tokens = list(result.generated_tokens)
+                tokens: list[int] = result.generated_tokens  # a fresh list per output
                 done = bool(result.is_finished())
                 text = await self._decode(loaded, decoder, tokens, done)
                 if text:

@@ -111,11 +111,13 @@ def _load_cancel_criteria_class() -> type[Any]:
 
 def generate_kwargs(sampling: SamplingSettings) -> dict[str, Any]:
     """Sampling as transformers' text-generation pipeline hands it to generate()."""
+    # A temperature below GREEDY_BELOW_TEMPERATURE is decoded greedily, its limit: dividing the
+    # logits by it would overflow to inf/NaN.
     kwargs: dict[str, Any] = {
         "max_new_tokens": sampling.max_new_tokens,
-        "do_sample": sampling.do_sample,
+        "do_sample": not sampling.greedy,
     }
-    if sampling.do_sample:
+    if not sampling.greedy:
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     # Greedy ignores them; passing them anyway only earns "flags are not valid" warnings.
     return kwargs

@@ -14,12 +14,15 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from bot.conversation import ConversationKey
 from bot.llm.base import BackendBusy, ChatMessage, Delta, Finished, Prompt
 from bot.llm.chain import BackendState, LLMChain
 from bot.llm.engine import BatchingEngine, IncrementalDecoder
 from bot.llm.exaone import load_model_and_tokenizer
 from bot.llm.loader import ModelLoader
 from bot.sampling import SamplingSettings
+from bot.service import Failure, SupportService, User
+from bot.store import RedisStore
 from tests.integration.test_local_backend import stream_while_the_tokenizer_is_held
 from tests.support.backends import ScriptedLLM
 
@@ -273,3 +276,89 @@ async def test_a_warm_up_slower_than_its_timeout_leaves_gpt_answering(tiny_exaon
         assert engine_threads() == []
     finally:
         await chain.aclose()
+
+
+# -- per-request sampling: a tiny temperature, greedy without processors, top-k/top-p --------
+
+
+async def test_a_tiny_temperature_is_greedy_and_fails_no_one_beside_it(engine, tiny_exaone_dir):
+    """Issue 12: temperature 1e-320 (inside the contract's 0 < t <= 2) made the step's
+    probabilities inf/NaN, which failed every request in the batch. Now it is decoded greedily
+    (the limit as t -> 0) and the requests beside it sample as before."""
+    _, expected = reference_greedy(tiny_exaone_dir, MESSAGES, GREEDY.max_new_tokens)
+    tiny = SamplingSettings(temperature=1e-320, max_new_tokens=GREEDY.max_new_tokens)
+    results = await asyncio.gather(
+        collect(engine, tiny),
+        collect(engine, HOT),
+        collect(engine, SamplingSettings(temperature=1e-30, max_new_tokens=24)),
+        collect(engine, GREEDY),
+        collect(engine, HOT),
+    )
+    texts = [text for text, _ in results]
+    assert texts[0] == texts[2] == texts[3] == expected
+    assert all(done.backend.startswith("local:") for _, done in results)
+
+
+async def test_one_channel_at_1e_320_and_another_keep_local_answers(tiny_exaone_dir, redis):
+    """Issue 12 through the service: one channel sets temperature 1e-320, another keeps the
+    defaults; with no fallback, any engine failure would reach a user. Every question of both
+    is answered by the local model, and `show` says the tiny temperature is decoded greedily."""
+    local = batching(tiny_exaone_dir, max_in_flight=8)
+    store = RedisStore(
+        redis,
+        defaults=SamplingSettings(max_new_tokens=12),
+        max_new_tokens_limit=64,
+        max_messages=40,
+        ttl_seconds=3600,
+    )
+    svc = SupportService(store=store, llm=LLMChain(local), persona="You are a support bot.")
+    await svc.llm.start()
+    try:
+        cold = ConversationKey("slack", "T1", "C-cold")
+        other = ConversationKey("slack", "T1", "C-default")
+        admin = User("U1", can_configure=True)
+        reply = await svc.settings(cold, admin, "temperature 1e-320")
+        assert reply.startswith("Updated: temperature=1e-320")
+        assert "below 0.001, the local model decodes greedily" in reply
+
+        async def ask(key: ConversationKey, n: int) -> str:
+            events = [e async for e in svc.ask(key, admin, f"question {n}")]
+            assert not [e for e in events if isinstance(e, Failure)], events
+            last = events[-1]
+            assert isinstance(last, Finished) and last.backend.startswith("local:")
+            return "".join(e.text for e in events if isinstance(e, Delta))
+
+        for round_ in range(3):
+            answers = await asyncio.gather(ask(cold, round_), ask(other, round_))
+            assert all(answers)
+        show = await svc.settings(other, admin, "show")
+        assert "decodes greedily" not in show
+    finally:
+        await svc.llm.aclose()
+
+
+async def test_greedy_only_batches_run_no_sampling_work(engine, monkeypatch):
+    """Greedy requests take transformers' argmax with no processor: RequestSampler draws only
+    for rows that sample (it used to be top_k=1, a full-vocabulary sort per token)."""
+    from bot.llm import sampler
+
+    draws: list[int] = []
+    real_draw = sampler._draw
+
+    def counted(scores: torch.Tensor, args: torch.Tensor, k: int) -> torch.Tensor:
+        draws.append(int(scores.size(0)))
+        return real_draw(scores, args, k)
+
+    monkeypatch.setattr(sampler, "_draw", counted)
+    await asyncio.gather(*(collect(engine, GREEDY) for _ in range(3)))
+    assert draws == []
+    await asyncio.gather(collect(engine, GREEDY), collect(engine, HOT), collect(engine, GREEDY))
+    assert draws and max(draws) == 1  # only the sampling row, never the greedy ones
+
+
+async def test_top_k_1_and_a_tiny_top_p_sample_only_the_best_token(engine, tiny_exaone_dir):
+    _, expected = reference_greedy(tiny_exaone_dir, MESSAGES, GREEDY.max_new_tokens)
+    hot_top1 = SamplingSettings(temperature=2.0, top_k=1, top_p=1.0, max_new_tokens=24)
+    hot_p = SamplingSettings(temperature=2.0, top_k=1000, top_p=1e-9, max_new_tokens=24)
+    results = await asyncio.gather(collect(engine, hot_top1), collect(engine, hot_p))
+    assert [text for text, _ in results] == [expected, expected]

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from bot.llm.base import (
 from bot.llm.exaone import load_model_and_tokenizer
 from bot.llm.loader import ModelLoader
 from bot.llm.simple_engine import SimpleEngine
-from bot.sampling import SamplingSettings
+from bot.sampling import GREEDY_BELOW_TEMPERATURE, SamplingSettings
 from tests.fixtures.tiny_exaone import remote_code_marker
 
 pytestmark = pytest.mark.slow
@@ -160,6 +161,15 @@ async def test_sampling_reaches_generate_as_the_pipeline_passes_it(
     assert greedy["do_sample"] is False
     assert greedy["max_new_tokens"] == 3
     assert not {"temperature", "top_k", "top_p"} & greedy.keys()
+
+
+async def test_a_temperature_below_the_floor_is_greedy_not_nan(llm: SimpleEngine) -> None:
+    # 1e-320 is inside the contract's 0 < t <= 2; dividing logits by it gave inf/NaN and
+    # "probability tensor contains either inf, nan or element < 0".
+    greedy, _ = await collect(llm, GREEDY)
+    for tiny in (1e-320, 1e-30, GREEDY_BELOW_TEMPERATURE / 2):
+        text, _ = await collect(llm, replace(GREEDY, do_sample=True, temperature=tiny))
+        assert text == greedy
 
 
 async def test_stops_at_end_of_turn(
