@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bot.sampling import SPECS, SamplingSettings
+from bot.sampling import SPECS, SamplingSettings, check_collection
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, concise support assistant for this team. Answer from what you know, "
@@ -101,6 +101,14 @@ class Settings(BaseSettings):
     discord_shard_count: int | None = Field(default=None, ge=1)
     discord_shard_ids: str | None = None  # comma separated
 
+    # Knowledge base
+    kb_embed_model: str = "intfloat/multilingual-e5-small"
+    kb_mode: Literal["off", "prefer", "strict"] = "prefer"
+    kb_collection: str = "default"
+    kb_top_k: int = Field(default=4, ge=1, le=50)
+    # extension: cosine similarity from which a passage is relevant (unset: by model family)
+    kb_min_similarity: float | None = Field(default=None, ge=-1, le=1)
+
     # Operations
     log_format: Literal["text", "json"] = "text"
     port: int = Field(default=3000, ge=1, le=65535)
@@ -144,6 +152,18 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("kb_collection")
+    @classmethod
+    def _collection(cls, value: str) -> str:
+        return check_collection(value.strip())
+
+    @field_validator("kb_embed_model")
+    @classmethod
+    def _embed_model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a model id, a local directory, or none")
+        return value.strip()
+
     @field_validator("discord_shard_ids")
     @classmethod
     def _shard_ids(cls, value: str | None) -> str | None:
@@ -167,6 +187,10 @@ class Settings(BaseSettings):
     @property
     def local_model_enabled(self) -> bool:
         return self.llm_model.lower() != "none"
+
+    @property
+    def kb_embed_enabled(self) -> bool:
+        return self.kb_embed_model.lower() != "none"
 
     @property
     def default_sampling(self) -> SamplingSettings:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast
 
 from bot.llm.base import ChatMessage
@@ -95,6 +95,8 @@ class Turn:
 
     settings: ChannelSettings
     history: list[Message]
+    # collection -> version of the knowledge base, read in the same round trip
+    kb_versions: Mapping[str, int] = field(default_factory=dict)
 
 
 class StoreError(Exception):

@@ -12,6 +12,7 @@ Settings, the parser, Discord's autocomplete and the engines all read it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
-SettingValue = float | int | bool
+SettingValue = float | int | bool | str
 Kind = Literal["float", "int", "bool"]
 
 
@@ -63,13 +64,45 @@ SPECS: dict[str, KeySpec] = {
         KeySpec("do_sample", "bool", True, words="true/false, on/off, yes/no or 1/0"),
     )
 }
-KEYS: tuple[str, ...] = tuple(SPECS)
+# The channel's knowledge settings: not sampling values (no model sees them) but /llm-settings
+# keys like the others, stored beside them.
+KnowledgeMode = Literal["off", "prefer", "strict"]
+KNOWLEDGE_MODES: tuple[KnowledgeMode, ...] = ("off", "prefer", "strict")
+_KNOWLEDGE_WORDS = {
+    "knowledge": "off, prefer or strict",
+    "collection": "the name of a collection in the knowledge base (see `supportbot kb list`)",
+}
+KEYS: tuple[str, ...] = (*SPECS, *_KNOWLEDGE_WORDS)
 COMMAND = "/llm-settings"
 
 # Below this temperature, sampling is decoded greedily: greedy is the limit of sampling as the
 # temperature goes to 0, and dividing logits by a smaller number can overflow to inf/NaN in the
 # model's float32 (1e-320 is even 0.0 there). `/llm-settings show` says so.
 GREEDY_BELOW_TEMPERATURE = 1e-3
+_COLLECTION = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def check_collection(name: str) -> str:
+    """A collection name, or ValueError saying what one is."""
+    if not _COLLECTION.fullmatch(name):
+        raise ValueError(
+            "must be 1 to 64 of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class KnowledgeChoice:
+    """Whether and where a channel's questions look in the knowledge base (KB_MODE,
+    KB_COLLECTION, and the channel's `knowledge` / `collection`)."""
+
+    mode: KnowledgeMode = "prefer"
+    collection: str = "default"
+
+    def with_overrides(self, overrides: Mapping[str, SettingValue]) -> KnowledgeChoice:
+        mode = overrides.get("knowledge", self.mode)
+        collection = overrides.get("collection", self.collection)
+        return KnowledgeChoice(mode if mode in KNOWLEDGE_MODES else self.mode, str(collection))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +120,8 @@ class SamplingSettings:
     do_sample: bool = bool(SPECS["do_sample"].default)
 
     def with_overrides(self, overrides: Mapping[str, SettingValue]) -> SamplingSettings:
-        return replace(self, **overrides)  # type: ignore[arg-type]
+        sampling = {k: v for k, v in overrides.items() if k in SPECS}
+        return replace(self, **sampling)  # type: ignore[arg-type]
 
     @property
     def greedy(self) -> bool:
@@ -110,13 +144,17 @@ class SettingsError(ValueError):
 
 
 def valid_range(key: str, max_new_tokens_limit: int) -> str:
+    if key in _KNOWLEDGE_WORDS:
+        return _KNOWLEDGE_WORDS[key]
     return SPECS[key].valid_range(max_new_tokens_limit)
 
 
 def parse_value(key: str, raw: str, max_new_tokens_limit: int) -> SettingValue:
     """One value, checked against the table; raises SettingsError naming the range."""
-    spec = SPECS[key]
     text = raw.strip()
+    if key in _KNOWLEDGE_WORDS:
+        return _parse_knowledge(key, text)
+    spec = SPECS[key]
     value: SettingValue | None = None
     if spec.kind == "float":
         if _FLOAT.fullmatch(text):
@@ -136,6 +174,17 @@ def parse_value(key: str, raw: str, max_new_tokens_limit: int) -> SettingValue:
             f"`{key}` must be {valid_range(key, max_new_tokens_limit)} (got `{shown}`)."
         )
     return value
+
+
+def _parse_knowledge(key: str, text: str) -> str:
+    word = text.lower()
+    if key == "knowledge" and word in KNOWLEDGE_MODES:
+        return word
+    if key == "collection":
+        with contextlib.suppress(ValueError):
+            return check_collection(word)
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    raise SettingsError(f"`{key}` must be {_KNOWLEDGE_WORDS[key]} (got `{shown}`).")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +279,7 @@ def format_value(value: SettingValue) -> str:
 class ChannelSettings:
     effective: SamplingSettings
     overrides: dict[str, SettingValue]  # only the keys the channel set
+    knowledge: KnowledgeChoice = KnowledgeChoice()
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from bot.sampling import (
     KEYS,
     AuditEntry,
     ChannelSettings,
+    KnowledgeChoice,
     SamplingSettings,
     SettingsError,
     SettingValue,
@@ -143,6 +144,10 @@ def connect_redis(url: str) -> Redis:
     return Redis.from_pool(pool)
 
 
+# The hash of collection -> version that bot.knowledge.store bumps on every change.
+KB_VERSIONS_KEY = "sb:kb:versions"
+
+
 def history_key(key: ConversationKey) -> str:
     suffix = f":{key.thread}" if key.thread else ""
     return f"sb:{key.channel_tag}:history{suffix}"
@@ -179,9 +184,11 @@ class RedisStore:
         ttl_seconds: int = 7 * 24 * 3600,
         claim_ttl_s: int = DEFAULT_CLAIM_TTL_S,
         owner: str | None = None,
+        knowledge_defaults: KnowledgeChoice | None = None,
     ) -> None:
         self.redis = redis
         self._defaults = defaults
+        self.knowledge_defaults = knowledge_defaults or KnowledgeChoice()
         self._limit = max_new_tokens_limit
         self.max_messages = max_messages
         self.ttl_seconds = ttl_seconds
@@ -212,9 +219,13 @@ class RedisStore:
             pipe.hgetall(settings_key(key))
             self._queue_push(pipe, key, [question])
             pipe.lrange(history_key(key), 0, -1)
+            # The knowledge base's versions ride along, so a process notices new documents
+            # without another round trip (bot.knowledge.store).
+            pipe.hgetall(KB_VERSIONS_KEY)
             results = await pipe.execute()
-        history = [Message.decode(item) for item in results[-1]]
-        return Turn(self._settings(results[0]), history[:-1])
+        history = [Message.decode(item) for item in results[-2]]
+        versions = {_text(k) or "": int(v) for k, v in results[-1].items()}
+        return Turn(self._settings(results[0]), history[:-1], versions)
 
     @_store_errors
     async def finish_turn(self, key: ConversationKey, answer: Message) -> None:
@@ -288,7 +299,7 @@ class RedisStore:
             after.update(old, **values)
 
         await self.redis.transaction(apply, name)
-        return ChannelSettings(self._defaults.with_overrides(after), after)
+        return self._channel(after)
 
     @_store_errors
     async def reset_settings(self, key: ConversationKey, user: str) -> ChannelSettings:
@@ -302,7 +313,7 @@ class RedisStore:
             self._audit(pipe, key, AuditEntry(user, "reset", changes, time.time()))
 
         await self.redis.transaction(apply, name)
-        return ChannelSettings(self._defaults, {})
+        return self._channel({})
 
     @_store_errors
     async def settings_log(self, key: ConversationKey, limit: int = 20) -> list[AuditEntry]:
@@ -315,8 +326,14 @@ class RedisStore:
         pipe.ltrim(name, 0, AUDIT_KEEP - 1)
 
     def _settings(self, raw: Mapping[bytes | str, bytes | str]) -> ChannelSettings:
-        overrides = self._decode(raw)
-        return ChannelSettings(self._defaults.with_overrides(overrides), overrides)
+        return self._channel(self._decode(raw))
+
+    def _channel(self, overrides: dict[str, SettingValue]) -> ChannelSettings:
+        return ChannelSettings(
+            self._defaults.with_overrides(overrides),
+            overrides,
+            self.knowledge_defaults.with_overrides(overrides),
+        )
 
     def _decode(self, raw: Mapping[bytes | str, bytes | str]) -> dict[str, SettingValue]:
         overrides: dict[str, SettingValue] = {}
