@@ -13,6 +13,7 @@ from bot.commands.runtime import StartupError
 from bot.config import ConfigError, load_settings
 from bot.ops.logging import setup_logging
 from bot.ops.redis_server import RedisServerError
+from bot.sampling import check_collection
 
 logger = logging.getLogger("bot")
 
@@ -37,6 +38,18 @@ def _parser() -> argparse.ArgumentParser:
         help="download LLM_MODEL into the Hugging Face cache when it is not there, then load it",
     )
     doctor.add_argument("--verbose", action="store_true", help="also show the bot's logs (stderr)")
+    kb = commands.add_parser("kb", help="the knowledge base: add, list, remove, search")
+    actions = kb.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, arg, nargs, text in (
+        ("add", "SOURCE", "+", "add files, folders, URLs or sitemaps"),
+        ("list", None, None, "list the sources"),
+        ("remove", "SOURCE", "+", "remove sources and their passages"),
+        ("search", "QUERY", "+", "show the passages a question would retrieve"),
+    ):
+        sub = actions.add_parser(action, help=text)
+        sub.add_argument("--collection", help="collection (default: KB_COLLECTION)")
+        if arg:
+            sub.add_argument("args", metavar=arg, nargs=nargs)
     return parser
 
 
@@ -58,6 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bot.commands import chat
 
             return asyncio.run(chat.run(settings, args.channel))
+        if args.command == "kb":
+            from bot.commands import kb
+
+            if args.collection is not None:
+                try:
+                    check_collection(args.collection)
+                except ValueError as exc:
+                    print(f"supportbot: --collection {exc}", file=sys.stderr)
+                    return 2
+            return asyncio.run(
+                kb.run(settings, args.action, getattr(args, "args", []), args.collection)
+            )
         # slack or discord (argparse allows nothing else), imported on demand: `chat` never
         # loads slack-bolt or discord.py.
         module = importlib.import_module(_SERVICES[args.command])

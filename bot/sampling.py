@@ -74,11 +74,6 @@ _KNOWLEDGE_WORDS = {
 }
 KEYS: tuple[str, ...] = (*SPECS, *_KNOWLEDGE_WORDS)
 COMMAND = "/llm-settings"
-
-# Below this temperature, sampling is decoded greedily: greedy is the limit of sampling as the
-# temperature goes to 0, and dividing logits by a smaller number can overflow to inf/NaN in the
-# model's float32 (1e-320 is even 0.0 there). `/llm-settings show` says so.
-GREEDY_BELOW_TEMPERATURE = 1e-3
 _COLLECTION = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
@@ -103,6 +98,11 @@ class KnowledgeChoice:
         mode = overrides.get("knowledge", self.mode)
         collection = overrides.get("collection", self.collection)
         return KnowledgeChoice(mode if mode in KNOWLEDGE_MODES else self.mode, str(collection))
+
+# Below this temperature, sampling is decoded greedily: greedy is the limit of sampling as the
+# temperature goes to 0, and dividing logits by a smaller number can overflow to inf/NaN in the
+# model's float32 (1e-320 is even 0.0 there). `/llm-settings show` says so.
+GREEDY_BELOW_TEMPERATURE = 1e-3
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +28,8 @@ from bot.conversation import (
     StoreError,
     TurnLocks,
 )
+from bot.knowledge.cite import NO_DOCUMENTED_ANSWER, Sources, cited_sources
+from bot.knowledge.passages import Hit, Passage
 from bot.llm.base import (
     BackendBusy,
     BackendTimeout,
@@ -43,10 +45,10 @@ from bot.llm.base import (
 )
 from bot.llm.chain import BackendStatus, CircuitOpen, NoBackendAvailable
 from bot.ops.logging import correlation_id, new_correlation_id
-from bot.prompt import PromptTooLong, build_prompt
+from bot.prompt import PromptTooLong, build_grounded
 from bot.sampling import (
     GREEDY_BELOW_TEMPERATURE,
-    KEYS,
+    SPECS,
     AuditEntry,
     Change,
     ChannelSettings,
@@ -55,6 +57,7 @@ from bot.sampling import (
     Reset,
     SamplingSettings,
     SettingsError,
+    SettingValue,
     Show,
     format_value,
     parse_command,
@@ -84,7 +87,7 @@ class Failure:
     reason: str = "notice"
 
 
-AnswerEvent = Delta | Finished | Failure
+AnswerEvent = Delta | Finished | Failure | Sources
 # Called once the turn's place in its conversation has come; False: not to be answered (a
 # duplicate delivery, say), and the turn ends without a word.
 Admit = Callable[[], Awaitable[bool]]
@@ -110,6 +113,16 @@ class Models(Protocol):
     def status(self) -> list[BackendStatus]: ...
 
     def answering(self) -> BackendStatus | None: ...
+
+
+class Knowledge(Protocol):
+    """What the service needs of the knowledge base (bot.knowledge.base.KnowledgeBase)."""
+
+    async def search(
+        self, collection: str, question: str, *, limit: int, version: int | None = None
+    ) -> list[Hit]: ...
+
+    async def collections(self) -> list[str]: ...
 
 
 class Observer(Protocol):
@@ -177,8 +190,12 @@ class SupportService:
         persona: str,
         scope: HistoryScope = "channel",
         observer: Observer | None = None,
+        knowledge: Knowledge | None = None,
+        kb_top_k: int = 4,
     ) -> None:
         self.store = store
+        self.knowledge = knowledge
+        self.kb_top_k = kb_top_k
         self.llm = llm
         self.persona = persona
         self.scope = scope
@@ -237,16 +254,32 @@ class SupportService:
             return
 
         sampling = turn.settings.effective
+        choice = turn.settings.knowledge
+        passages = []
+        if choice.mode != "off":
+            passages = await self._passages(
+                conversation, question, choice.collection, turn.kb_versions
+            )
+        if choice.mode == "strict" and not passages:
+            # No relevant passage: the model is not asked (it would guess).
+            yield Failure(NO_DOCUMENTED_ANSWER, reason="no_passage")
+            with contextlib.suppress(StoreError):
+                await self.store.finish_turn(
+                    conversation, Message("assistant", NO_DOCUMENTED_ANSWER)
+                )
+            return
         try:
-            prompt = await asyncio.to_thread(
-                build_prompt,
+            grounded = await asyncio.to_thread(
+                build_grounded,
                 self.persona,
                 turn.history,
                 question,
                 encoder=self.llm,
                 context_window=self.llm.context_window,
                 max_new_tokens=sampling.max_new_tokens,
+                passages=passages,
             )
+            prompt = grounded.prompt
         except PromptTooLong as exc:
             # Refused before any model saw it: it must not crowd out the history of later turns.
             with contextlib.suppress(StoreError):
@@ -274,7 +307,11 @@ class SupportService:
                         parts.append(event.text)
                         yield event
                     else:
-                        yield await self._finish(conversation, "".join(parts), event, started)
+                        done = await self._finish(conversation, "".join(parts), event, started)
+                        sources = cited_sources("".join(parts), grounded.passages)
+                        if isinstance(done, Finished) and sources is not None:
+                            yield sources
+                        yield done
                         return
         except NoBackendAvailable as exc:
             yield self._no_backend(conversation, exc)
@@ -309,6 +346,23 @@ class SupportService:
                 exc,
                 reason="redis",
             )
+
+    async def _passages(
+        self, conversation: ConversationKey, question: str, collection: str,
+        versions: Mapping[str, int],
+    ) -> list[Passage]:  # fmt: skip
+        """The relevant passages, best first; none when knowledge is off for the channel or the
+        knowledge base fails (then the answer comes from the model alone, logged)."""
+        if self.knowledge is None:
+            return []
+        try:
+            hits = await self.knowledge.search(
+                collection, question, limit=self.kb_top_k, version=versions.get(collection, 0)
+            )
+        except Exception:
+            logger.exception("knowledge search failed in %s", conversation.describe())
+            return []
+        return [hit.passage for hit in hits]
 
     async def _finish(
         self, conversation: ConversationKey, text: str, done: Finished, started: float
@@ -380,6 +434,9 @@ class SupportService:
                     "history; anyone can use `/llm-settings show`. Nothing was changed."
                 )
             if isinstance(command, Change):
+                missing = await self._missing_collection(command.values)
+                if missing:
+                    return missing
                 updated = await store.change_settings(key, user.id, command.values)
                 changed = ", ".join(f"{k}={format_value(v)}" for k, v in command.values.items())
                 return f"Updated: {changed}.\n\n" + self._render_show(updated)
@@ -403,11 +460,25 @@ class SupportService:
                 reason="redis",
             ).message
 
+    async def _missing_collection(self, values: Mapping[str, SettingValue]) -> str | None:
+        """The message when `collection` names no collection of the knowledge base."""
+        name = values.get("collection")
+        if name is None:
+            return None
+        known = await self.knowledge.collections() if self.knowledge is not None else []
+        if name in known:
+            return None
+        have = ", ".join(f"`{c}`" for c in known) if known else "none yet (`supportbot kb add`)"
+        return (
+            f"`collection` must be a collection in the knowledge base; `{name}` has no "
+            f"documents. Collections: {have}. Nothing was changed."
+        )
+
     def _render_show(self, channel: ChannelSettings) -> str:
         statuses = self.llm.status()
         answering = self.llm.answering()
         lines = ["*LLM settings for this channel*"]
-        for name in KEYS:
+        for name in SPECS:
             value = getattr(channel.effective, name)
             source = "set in this channel" if name in channel.overrides else "default"
             notes = [
@@ -424,6 +495,12 @@ class SupportService:
                 )
             note = f" — {'; '.join(notes)}" if notes else ""
             lines.append(f"• {name} = {format_value(value)} ({source}){note}")
+        choice = channel.knowledge
+        for name, value in (("knowledge", choice.mode), ("collection", choice.collection)):
+            source = "set in this channel" if name in channel.overrides else "default"
+            lines.append(f"• {name} = {value} ({source})")
+        if self.knowledge is None and choice.mode != "off":
+            lines.append("  (the knowledge base is not available in this process)")
         lines.append("")
         if answering is None:
             lines.append("Answering: no backend is available (see `supportbot doctor`).")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -18,10 +19,12 @@ from bot.llm.base import LLM
 from bot.llm.chain import Backend, LLMChain
 from bot.ops.metrics import PrometheusObserver
 from bot.ops.redis_server import RedisServer
+from bot.sampling import KnowledgeChoice
 from bot.service import SupportService
 from bot.store import RedisStore, RedisUrlError, connect_redis
 
 if TYPE_CHECKING:
+    from bot.knowledge.base import KnowledgeBase
     from bot.llm.engine import BatchingEngine
     from bot.llm.simple_engine import SimpleEngine
 
@@ -163,6 +166,31 @@ def build_local(settings: Settings, engine: str | None = None) -> BatchingEngine
     )
 
 
+async def open_redis(settings: Settings) -> tuple[Redis, RedisServer | None]:
+    """A Redis client for REDIS_URL, or for an embedded server started here (then returned,
+    for the caller to stop)."""
+    if settings.redis_url is not None:
+        return connect_redis(settings.redis_url.get_secret_value()), None
+    # Starting redis-server waits for it to answer: not on the event loop.
+    embedded = await asyncio.to_thread(RedisServer(settings.data_dir).start)
+    return connect_redis(embedded.url), embedded
+
+
+def build_knowledge(settings: Settings, redis: Redis, *, embed: bool = True) -> KnowledgeBase:
+    """The knowledge base over `redis`; with KB_EMBED_MODEL (and `embed`) semantic search too.
+    The model loads on first use, once, off the event loop."""
+    from bot.knowledge.base import KnowledgeBase
+    from bot.knowledge.embed import Embedder
+    from bot.knowledge.store import KnowledgeStore
+
+    embedder = None
+    if embed and settings.kb_embed_enabled:
+        embedder = Embedder(settings.kb_embed_model)
+    return KnowledgeBase(
+        KnowledgeStore(redis), embedder, min_similarity=settings.kb_min_similarity
+    )
+
+
 async def build(
     settings: Settings, *, llm: LLMChain | None = None, require_backend: bool = False
 ) -> Runtime:
@@ -188,6 +216,7 @@ async def build(
         max_new_tokens_limit=settings.llm_max_new_tokens_limit,
         max_messages=settings.history_max_messages,
         ttl_seconds=settings.history_ttl_seconds,
+        knowledge_defaults=KnowledgeChoice(settings.kb_mode, settings.kb_collection),
     )
     chain = llm
     try:
@@ -218,6 +247,8 @@ async def build(
         persona=settings.system_prompt,
         scope=settings.history_scope,
         observer=PrometheusObserver(),
+        knowledge=build_knowledge(settings, store.redis),
+        kb_top_k=settings.kb_top_k,
     )
     return Runtime(service=service, store=store, llm=chain, embedded_redis=embedded)
 

@@ -11,6 +11,7 @@ import sys
 from typing import TextIO
 
 from bot.conversation import ConversationKey
+from bot.knowledge.cite import Sources
 from bot.llm.base import Delta
 from bot.sampling import COMMAND
 from bot.service import Failure, SupportService, User
@@ -56,6 +57,8 @@ async def run_console(
                 stdout.write(event.text)
             elif isinstance(event, Failure):
                 stdout.write(("\n" if event.error_id else "") + event.message)
+            elif isinstance(event, Sources):
+                stdout.write("\n\n" + event.plain())
             stdout.flush()
         stdout.write("\n")
         stdout.flush()
