@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     # Operations
     log_format: Literal["text", "json"] = "text"
     port: int = Field(default=3000, ge=1, le=65535)
+    # extension: on SIGTERM, how long answers in progress may finish before they are cut (with a
+    # notice to the user); the deploy files stop the process only after this and some margin
+    shutdown_grace_seconds: float = Field(default=20.0, gt=0, le=600)
 
     @field_validator("llm_temperature", "llm_top_k", "llm_top_p", "llm_do_sample")
     @classmethod

@@ -14,7 +14,7 @@ from bot.commands.runtime import build
 from bot.config import ConfigError, Settings
 from bot.ops.health import serve_health
 from bot.platforms.discord.client import SupportBot, build_client, shard_config
-from bot.platforms.frontdoor import stop_on_signals
+from bot.platforms.frontdoor import stop_on_signals, unless_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,10 @@ async def run(settings: Settings) -> int:
         print(f"supportbot: {exc}", file=sys.stderr)
         return 2
     with stop_on_signals() as stop:
-        runtime = await build(settings, require_backend=True)
+        runtime = await unless_stopped(stop, build(settings, require_backend=True))
+        if runtime is None:
+            logger.info("stopped during start-up")
+            return 0
         try:
             client = build_client(runtime.service, settings)
             health = await serve_health(settings.port, client.readiness(runtime.readiness))

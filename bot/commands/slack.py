@@ -1,5 +1,8 @@
 """`supportbot slack`: check the credentials, identify the bot, build the runtime once, serve the
-Slack app until SIGTERM/SIGINT, then let answers in flight finish before closing the runtime."""
+Slack app until SIGTERM/SIGINT, then let answers in flight finish before closing the runtime.
+
+Every start-up step races the stop signal: SIGTERM while Slack or Redis is slow to answer, or
+while the model loads, stops at once (exit 0), closing what was opened."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import aiohttp
 
 from bot.commands.runtime import build
 from bot.config import Settings
-from bot.platforms.frontdoor import stop_on_signals
+from bot.platforms.frontdoor import stop_on_signals, unless_stopped
 from bot.platforms.slack.app import (
     SlackApp,
     StartError,
@@ -19,7 +22,7 @@ from bot.platforms.slack.app import (
     identify,
     web_client,
 )
-from bot.platforms.slack.events import Tuning
+from bot.platforms.slack.events import Identity, Tuning
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +36,26 @@ async def run(settings: Settings, *, tuning: Tuning | None = None) -> int:
     with stop_on_signals() as stop:
         async with aiohttp.ClientSession() as session:
             client = web_client(settings, session, tuning)
-            try:
+
+            async def check() -> Identity:
                 identity = await identify(client)
                 if settings.slack_app_token is not None:
                     await check_app_token(client, settings.slack_app_token.get_secret_value())
+                return identity
+
+            try:
+                identity = await unless_stopped(stop, check())
             except StartError as exc:
                 print(f"supportbot: {exc}", file=sys.stderr)
                 return 1
+            if identity is None:
+                logger.info("stopped during start-up")
+                return 0
             logger.info("slack bot user %s in workspace %s", identity.user_id, identity.team_id)
-            runtime = await build(settings, require_backend=True)
+            runtime = await unless_stopped(stop, build(settings, require_backend=True))
+            if runtime is None:
+                logger.info("stopped during start-up")
+                return 0
             try:
                 app = await SlackApp.start(
                     settings, runtime.service, runtime.readiness, client, identity, tuning=tuning

@@ -1,7 +1,8 @@
 """`GET /healthz`, `/readyz` and `/metrics` as aiohttp routes, for every service command.
 
 Slack's HTTP mode mounts them beside `POST /slack/events` on the same aiohttp app; Socket Mode
-and Discord serve them from a small app of their own on $PORT.
+and Discord serve them from a small app of their own on $PORT. Every server starts through
+`serve()`, whose timeouts keep slow or idle clients from holding connections or shutdown.
 """
 
 from __future__ import annotations
@@ -15,6 +16,28 @@ from bot.ops import metrics
 
 # Returns (ready, details): details are short strings per check, e.g. {"redis": "ok"}.
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, str]]]]
+
+
+# A connection that has not sent a whole request within this long is closed (idle keep-alive
+# connections, and slowloris clients trickling headers). Slack opens a connection per request.
+IDLE_TIMEOUT_S = 15.0
+# On shutdown, how long requests still being handled may take before their connections close
+# (our handlers answer at once: Slack's events are acknowledged before listeners run).
+SERVER_SHUTDOWN_S = 2.0
+
+
+async def serve(app: web.Application, port: int, host: str) -> web.AppRunner:
+    """Start `app` on host:port with the timeouts above; stop it with `await runner.cleanup()`."""
+    runner = web.AppRunner(
+        app, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S, shutdown_timeout=SERVER_SHUTDOWN_S
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
 
 
 def add_health_routes(app: web.Application, readiness: Readiness) -> None:
@@ -41,7 +64,4 @@ async def serve_health(port: int, readiness: Readiness, host: str = "0.0.0.0") -
     """Start a server with only the health routes; stop it with `await runner.cleanup()`."""
     app = web.Application()
     add_health_routes(app, readiness)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner
+    return await serve(app, port, host)

@@ -12,6 +12,11 @@
   answer's correlation id, which every log line of that answer carries too.
 - **One progressive message.** `ProgressiveMessage` collects the answer's events, shows the text
   at most once per interval through a platform `Sink`, and always sends the final text.
+- **Shutdown.** Answers get one grace period (SHUTDOWN_GRACE_SECONDS) to finish; an answer still
+  running after it is cut: its message is closed with the text so far and a notice (a Slack
+  stream stopped, a Discord message edited a last time), within `CUT_WRITE_S`, and logged.
+- **Start-up races the stop signal** (`unless_stopped`): SIGTERM while connecting or loading
+  stops at once instead of after the step.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import logging
 import math
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bot.conversation import ConversationKey, StoreError
 from bot.knowledge.cite import Sources
@@ -34,7 +39,13 @@ logger = logging.getLogger(__name__)
 
 NO_ANSWER = "Sorry, I have no answer to that. Please try rephrasing your question."
 SOMETHING_WENT_WRONG = "Sorry, something went wrong while answering. Please try again."
+CUT_NOTICE = (
+    "⚠️ I was restarted before I could finish this answer, so it stops here. "
+    "Please ask again in a minute."
+)
+CUT_WRITE_S = 5.0  # how long closing a cut answer's message may take during shutdown
 Admit = Callable[[], Awaitable[bool]]
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -52,6 +63,28 @@ def stop_on_signals() -> Iterator[asyncio.Event]:
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+async def unless_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None when `stop` is set first: `work` is then cancelled, and awaited
+    so that what it opened is closed (a start-up step must clean up when cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()
+
+
+def first_delivery(retry: str | None) -> bool:
+    """Slack numbers deliveries from 0 (Socket Mode sends `retry_attempt: 0`): 0 is the first."""
+    return retry is None or retry.strip() in ("", "0")
 
 
 def error_reply(message: str, log: str, *args: object, exc: BaseException | None = None) -> str:
@@ -74,6 +107,7 @@ class FrontDoor:
         self.platform = platform
         self.drain_timeout_s = drain_timeout_s
         self.accepting = True
+        self.cutting = False  # past the grace period: answers still running are being cut
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -106,10 +140,12 @@ class FrontDoor:
             return
         logger.info("waiting for %d answer(s) in progress", len(pending))
         _, late = await asyncio.wait(pending, timeout=timeout)
-        for task in late:
-            task.cancel()
         if late:
-            logger.warning("cancelled %d answer(s) still running after %.0fs", len(late), timeout)
+            logger.warning("cutting %d answer(s) still running after the %.0fs grace period",
+                           len(late), timeout)  # fmt: skip
+            self.cutting = True
+            for task in late:
+                task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
 
     async def claim(self, ids: tuple[str, ...], what: str, retry: str | None = None) -> bool:
@@ -129,8 +165,9 @@ class FrontDoor:
         if not first:
             metrics.DUPLICATES.labels(self.platform).inc()
             logger.info("ignoring a duplicate %s %s %s (retry %s)",
-                        self.platform, what, ids[0], retry or "none")  # fmt: skip
-        elif retry:
+                        self.platform, what, ids[0],
+                        "none" if first_delivery(retry) else retry)  # fmt: skip
+        elif not first_delivery(retry):
             logger.info("answering %s re-delivery %s (retry %s) that no replica had taken",
                         self.platform, ids[0], retry)  # fmt: skip
         return first
@@ -147,7 +184,9 @@ class FrontDoor:
     ) -> None:
         """Ask the service and show the answer through `sink`. Awaits nothing before the service's
         lock: call it first thing in a task that `start()` created."""
-        message = ProgressiveMessage(sink, interval_s=interval_s, where=key.describe())
+        message = ProgressiveMessage(
+            sink, interval_s=interval_s, where=key.describe(), cutting=lambda: self.cutting
+        )
 
         async def admitted() -> bool:
             if admit is not None and not await admit():
@@ -191,8 +230,16 @@ class ProgressiveMessage:
     """One answer, shown as it grows: at most one write in flight, at most one per `interval_s`
     (and when the sink allows), the newest text each time, and always the final text."""
 
-    def __init__(self, sink: Sink, *, interval_s: float, where: str) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        interval_s: float,
+        where: str,
+        cutting: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._sink = sink
+        self._cutting = cutting
         self._interval_s = interval_s
         self._where = where
         self.text = ""
@@ -236,12 +283,42 @@ class ProgressiveMessage:
                         exc=exc,
                     )
                 )
+        except asyncio.CancelledError:
+            self._close()
+            if self._cutting() and (self._working is not None or self.text):
+                await self._cut()
+            else:
+                self._abandon()
+            raise
         except BaseException:
             self._close()
-            self._sink.cancel()
-            for task in self._in_flight():
-                task.cancel()
+            self._abandon()
             raise
+
+    def _abandon(self) -> None:
+        self._sink.cancel()
+        for task in self._in_flight():
+            task.cancel()
+
+    async def _cut(self) -> None:
+        """Shutdown cut this answer: close its message with the text so far and a notice (a
+        Slack stream is stopped, not left open), in at most CUT_WRITE_S."""
+        notice = error_reply(
+            CUT_NOTICE, "answer in %s cut by shutdown after %d characters", self._where,
+            len(self.text),
+        )  # fmt: skip
+
+        async def close() -> None:
+            await asyncio.gather(*self._in_flight(), return_exceptions=True)
+            await self._sink.finish("\n\n".join(p for p in (self.text.strip(), notice) if p))
+
+        closing = asyncio.ensure_future(close())
+        done, _ = await asyncio.wait({closing}, timeout=CUT_WRITE_S)
+        if not done or closing.exception() is not None:
+            closing.cancel()
+            logger.error("could not close the cut answer in %s within %.0fs",
+                         self._where, CUT_WRITE_S)  # fmt: skip
+            self._abandon()
 
     def final_text(self) -> str:
         parts = [self.text.strip(), *self.notes]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from redis.asyncio import Redis
 
 from bot.conversation import ConversationKey, Message
 from bot.ops.redis_server import free_port
+from bot.platforms.frontdoor import CUT_WRITE_S
 from bot.store import history_key
 from tests.conftest import repo_root
 from tests.fixtures.fake_openai import FakeOpenAI
@@ -208,6 +210,53 @@ def test_socket_mode_answers_and_serves_health_on_port(env, fake_slack):
     assert "Traceback" not in err and "ERROR" not in err, err
 
 
+def test_sigterm_while_every_socket_upgrade_is_refused_exits_promptly_with_0(env, fake_slack):
+    """Slack's Web API answers but its websocket refuses the upgrade (an outage, a proxy): the
+    bot keeps trying, says it is not ready, and still stops at once on SIGTERM."""
+    env["SLACK_APP_TOKEN"] = fake_slack.app_token
+    del env["SLACK_SIGNING_SECRET"]
+    fake_slack.refuse_socket = True
+    proc = start(env)
+    url = f"http://127.0.0.1:{env['PORT']}"
+    try:
+        wait_until_up(proc, url)
+        fake_slack.wait_for(lambda: fake_slack.socket_attempts >= 1)
+        status, ready = get(f"{url}/readyz")
+        assert status == 503 and json.loads(ready)["checks"]["slack"].startswith("not connected")
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert took < 5, f"took {took:.1f}s to stop"
+    assert "Traceback" not in err, err
+    assert fake_slack.app_token not in out + err
+
+
+@pytest.mark.parametrize("method", ["auth.test", "apps.connections.open"])
+def test_sigterm_while_slack_hangs_at_start_up_exits_promptly_with_0(env, fake_slack, method):
+    env["SLACK_APP_TOKEN"] = fake_slack.app_token
+    fake_slack.delay(method, 120)
+    proc = start(env)
+    try:
+        fake_slack.wait_for(lambda: fake_slack.calls_to(method), timeout_s=60)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert took < 5, f"took {took:.1f}s to stop"
+    assert "Traceback" not in err, err
+
+
 def test_a_rejected_app_token_is_a_clear_message(env, fake_slack):
     env["SLACK_APP_TOKEN"] = "xapp-1-wrong-0000000000-zzzzzzzzzzzzzzzz"
     result = subprocess.run(
@@ -256,6 +305,42 @@ async def test_sigterm_during_a_streamed_answer_finishes_it_and_exits_0(
         Message("user", "tell me slowly"),
         Message("assistant", SLOW_ANSWER),
     ]
+
+
+async def test_sigterm_with_an_answer_longer_than_the_grace_closes_its_stream_with_a_notice(
+    env, fake_slack, fake_openai
+):
+    """A 15 s answer, SIGTERM, SHUTDOWN_GRACE_SECONDS=5: the user sees the text so far and a
+    notice, the stream is stopped (not left open), the log names the cut answer, exit 0."""
+    words = [f"w{i} " for i in range(30)]
+    fake_openai.answer("".join(words), chunks=words, chunk_delay_s=0.5)
+    env["SHUTDOWN_GRACE_SECONDS"] = "5"
+    proc = start(env)
+    url = f"http://127.0.0.1:{env['PORT']}"
+    try:
+        wait_until_up(proc, url)
+        body = json.dumps(event_body(mention("<@U0BOT> a long one", ts="1900.000100")))
+        assert post(url, body, {"Content-Type": "application/json", **sign(body)}) == 200
+        fake_slack.wait_for(lambda: fake_slack.thread("C0GENERAL", "1900.000100"), timeout_s=20)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert 5 <= took < 5 + CUT_WRITE_S + 5, f"took {took:.1f}s to stop"
+    [answer] = fake_slack.thread("C0GENERAL", "1900.000100")
+    assert answer.via == "stream" and not answer.streaming  # chat.stopStream closed it
+    assert answer.text.startswith("w0 w1 ")
+    assert answer.text.split()[-1] != "w29"  # cut before the end...
+    assert "restarted before I could finish this answer" in answer.text  # ...and said so
+    [cut_line] = [line for line in err.splitlines() if "cut by shutdown" in line]
+    error_id = re.search(r"error_id=(\w+)", cut_line)
+    assert error_id and error_id.group(1) in answer.text
+    assert "C0GENERAL" in cut_line
 
 
 def test_refuses_to_start_when_no_backend_can_answer(env):

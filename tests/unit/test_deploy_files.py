@@ -21,12 +21,12 @@ import yaml  # type: ignore[import-untyped]  # comes with transformers; no stubs
 from pydantic import SecretStr
 
 from bot.cli import _parser
+from bot.commands.discord import GATEWAY_CLOSE_S
 from bot.config import Settings
-from bot.ops.health import serve_health
+from bot.ops.health import SERVER_SHUTDOWN_S, serve_health
 from bot.ops.redis_server import free_port
-from bot.platforms.discord.client import DRAIN_TIMEOUT_S as DISCORD_DRAIN_S
+from bot.platforms.frontdoor import CUT_WRITE_S
 from bot.platforms.slack.app import EVENTS_PATH
-from bot.platforms.slack.events import Tuning
 from tests.conftest import repo_root
 
 DEPLOY = repo_root() / "deploy"
@@ -45,8 +45,16 @@ THIRD_PARTY = {
     "HF_HOME",  # the Hugging Face cache, on a volume
     "NVIDIA_DRIVER_CAPABILITIES",  # what the NVIDIA Container Toolkit mounts
 }
-# The longest time the bot may take to stop after SIGTERM (answers in progress finishing).
-DRAIN_S = max(DISCORD_DRAIN_S, Tuning().drain_timeout_s)
+# Beyond SHUTDOWN_GRACE_SECONDS, the longest the bot may take to stop after SIGTERM: closing cut
+# answers with their notice, closing the HTTP server or the Discord gateway, and a margin for
+# the runtime (Redis, the model) to close.
+AFTER_GRACE_S = CUT_WRITE_S + max(SERVER_SHUTDOWN_S, GATEWAY_CLOSE_S) + 5
+
+
+def grace_s(env: dict[str, str]) -> float:
+    """SHUTDOWN_GRACE_SECONDS as a deploy file sets it (or the default)."""
+    default = Settings.model_fields["shutdown_grace_seconds"].default
+    return float(env.get("SHUTDOWN_GRACE_SECONDS", default))
 
 
 def _command_is_valid(args: list[str]) -> None:
@@ -187,7 +195,8 @@ def test_compose_bot_builds_this_image_reads_dotenv_and_has_the_gpu():
     mounts = {volume.split(":")[1] for volume in bot["volumes"]}
     assert {env["HF_HOME"], bot["environment"]["DATA_DIR"]} <= mounts
     assert bot["ports"] == [f"127.0.0.1:{bot['environment']['PORT']}:{env['PORT']}"]
-    assert int(bot["stop_grace_period"].removesuffix("s")) > DRAIN_S
+    stop_s = int(bot["stop_grace_period"].removesuffix("s"))
+    assert stop_s >= grace_s(bot["environment"]) + AFTER_GRACE_S
 
 
 def test_compose_redis_url_names_the_persistent_redis_service():
@@ -245,7 +254,9 @@ def test_systemd_unit_runs_the_console_script_with_an_environment_file():
 def test_systemd_unit_stops_gracefully_and_keeps_the_gpu_reachable():
     values = unit()
     assert values["KillSignal"] == ["SIGTERM"]
-    assert int(values["TimeoutStopSec"][0]) > DRAIN_S
+    env = dict(assignment.partition("=")[::2] for assignment in values["Environment"])
+    assert "SHUTDOWN_GRACE_SECONDS" in env  # stated beside the timeout it must stay below
+    assert int(values["TimeoutStopSec"][0]) >= grace_s(env) + AFTER_GRACE_S
     assert values["Restart"] == ["on-failure"]
     for hardening in ("NoNewPrivileges", "ProtectHome", "PrivateTmp"):
         assert values[hardening] == ["yes"]
@@ -304,7 +315,10 @@ def test_k8s_bot_runs_slack_http_mode_with_probes_on_healthz_and_readyz():
     assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
-    assert bot["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > DRAIN_S + 5
+    # The preStop pause runs first, inside the same grace period.
+    pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    stop_s = bot["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert stop_s >= pause + grace_s(config) + AFTER_GRACE_S
     pod_security = bot["spec"]["template"]["spec"]["securityContext"]
     assert pod_security["runAsUser"] == 10001  # the Dockerfile's USER
     refs = {

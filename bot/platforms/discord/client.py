@@ -28,7 +28,8 @@ from bot.service import SupportService, User
 logger = logging.getLogger(__name__)
 
 PLATFORM = "discord"
-DRAIN_TIMEOUT_S = 20.0  # on shutdown, how long answers in progress may finish
+DRAIN_TIMEOUT_S = 20.0  # on shutdown, how long answers in progress may finish (the command
+# passes SHUTDOWN_GRACE_SECONDS)
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
 
@@ -234,6 +235,7 @@ def build_client(service: SupportService, settings: Settings, **options: Any) ->
         "sync_guild_id": settings.discord_guild_id,
         # One process syncs the commands: the one holding shard 0 (or the only one).
         "sync_commands": ids is None or 0 in ids,
+        "drain_timeout_s": settings.shutdown_grace_seconds,
         **options,
     }
     if count is None:

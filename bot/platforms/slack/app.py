@@ -2,23 +2,30 @@
 
 Socket Mode when SLACK_APP_TOKEN is set (health routes then on their own server on $PORT);
 otherwise HTTP mode on $PORT: events, slash commands and interactivity at `POST /slack/events`
-beside `/healthz`, `/readyz` and `/metrics`. Bolt verifies every HTTP request's signature (a bad
-one gets 401 before any listener runs), answers Slack's url_verification and ssl_check, and
-acknowledges events before our listeners run. The Web API client talks to SLACK_API_URL.
+beside `/healthz`, `/readyz` and `/metrics` (bot.platforms.slack.http verifies each signature
+before anything else). Bolt answers Slack's url_verification and ssl_check, and acknowledges
+events before our listeners run. The Web API client talks to SLACK_API_URL.
+
+Socket Mode connects in the background: the websocket may be refused for a long time (an outage,
+a proxy), and slack_sdk retries forever, so start() returns at once, `/readyz` says not ready
+until the connection is up (and whenever it is down), and stop() ends the attempts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import time
 
 import aiohttp
 from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.adapter.socket_mode.async_internals import run_async_bolt_app, send_async_response
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
+from slack_bolt.response import BoltResponse
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.async_handler import AsyncRetryHandler
 from slack_sdk.http_retry.builtin_async_handlers import (
@@ -28,16 +35,19 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.http_retry.request import HttpRequest
 from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
+from slack_sdk.socket_mode.async_client import AsyncBaseSocketModeClient
+from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.config import Settings
-from bot.ops.health import Readiness, add_health_routes, serve_health
+from bot.ops.health import Readiness, serve, serve_health
 from bot.platforms.slack.events import Identity, SlackBot, Tuning
+from bot.platforms.slack.http import EVENTS_PATH as EVENTS_PATH  # where callers look for it
+from bot.platforms.slack.http import http_app
 from bot.service import SupportService
 
 logger = logging.getLogger(__name__)
 
-EVENTS_PATH = "/slack/events"
 DEFAULT_API_URL = "https://slack.com/api/"
 LISTEN_HOST = "0.0.0.0"  # noqa: S104 - Slack and the probes reach us from outside the container
 
@@ -79,10 +89,15 @@ class RateLimitRetry(AsyncRateLimitErrorRetryHandler):
 
 class _ExpectedBoltWarnings(logging.Filter):
     """Bolt reads SLACK_BOT_TOKEN from the environment by itself, then warns that the client we
-    pass takes precedence. We mean it to (the token comes from Settings), so that line is noise."""
+    pass takes precedence. We mean it to (the token comes from Settings), so that line is noise.
+    A refused Socket Mode connection is retried every few seconds: one line each, no traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "`token` will be unused" not in record.getMessage()
+        message = record.getMessage()
+        if message.startswith("Failed to connect"):
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return "`token` will be unused" not in message
 
 
 _BOLT_LOGGER = logging.getLogger("slack_bolt")
@@ -188,17 +203,35 @@ def bolt_app(bot: SlackBot, signing_secret: str | None) -> AsyncApp:
     return app
 
 
-def http_app(app: AsyncApp, readiness: Readiness) -> web.Application:
-    """Slack's endpoint and the health routes on one aiohttp application."""
+class SocketHandler(AsyncSocketModeHandler):
+    """Bolt's Socket Mode handler, but every envelope is acknowledged: one no listener wanted
+    (a button's block action, an event type we do not handle) too. Slack re-sends an envelope
+    that is not acknowledged, and shows the user an error for an interaction."""
 
-    async def slack_events(request: web.Request) -> web.Response:
-        response = await app.async_dispatch(await to_bolt_request(request))
-        return await to_aiohttp_response(response)
+    async def handle(self, client: AsyncBaseSocketModeClient, req: SocketModeRequest) -> None:
+        start = time.time()
+        response: BoltResponse = await run_async_bolt_app(self.app, req)
+        if response.status != 200:
+            logger.info("slack %s envelope not handled (status %d); acknowledged",
+                        req.type, response.status)  # fmt: skip
+            response = BoltResponse(status=200, body="")
+        await send_async_response(client, req, response, start)
 
-    web_app = web.Application()
-    web_app.router.add_post(EVENTS_PATH, slack_events)
-    add_health_routes(web_app, readiness)
-    return web_app
+    async def connected(self) -> bool:
+        return bool(await self.client.is_connected())
+
+
+def socket_readiness(socket: SocketHandler, readiness: Readiness) -> Readiness:
+    """Ready when the runtime is and the Socket Mode connection is up: otherwise nothing can
+    reach the bot."""
+
+    async def ready() -> tuple[bool, dict[str, str]]:
+        ok, checks = await readiness()
+        connected = await socket.connected()
+        checks["slack"] = "connected (Socket Mode)" if connected else "not connected (Socket Mode)"
+        return ok and connected, checks
+
+    return ready
 
 
 class SlackApp:
@@ -208,13 +241,26 @@ class SlackApp:
         self,
         bot: SlackBot,
         runner: web.AppRunner,
-        socket: AsyncSocketModeHandler | None,
+        socket: SocketHandler | None,
         port: int,
     ) -> None:
         self.bot = bot
         self.port = port
         self._runner = runner
         self._socket = socket
+        self._connecting: asyncio.Task[None] | None = None
+        if socket is not None:
+            self._connecting = asyncio.create_task(self._connect(socket), name="slack socket")
+
+    @staticmethod
+    async def _connect(socket: SocketHandler) -> None:
+        await socket.connect_async()  # type: ignore[no-untyped-call]  # retries until closed
+        if await socket.connected():
+            logger.info("slack app connected in Socket Mode")
+
+    async def connected(self) -> bool:
+        """Socket Mode: whether the websocket is up (HTTP mode: always)."""
+        return self._socket is None or await self._socket.connected()
 
     @classmethod
     async def start(
@@ -230,31 +276,34 @@ class SlackApp:
         port: int | None = None,
     ) -> SlackApp:
         port = settings.port if port is None else port
+        tuning = tuning or Tuning(drain_timeout_s=settings.shutdown_grace_seconds)
         bot = SlackBot(service, client, identity, admins=settings.slack_admin_ids, tuning=tuning)
         if settings.slack_app_token is not None:
             app = bolt_app(bot, signing_secret=None)
-            runner = await serve_health(port, readiness, host=host)
-            socket = AsyncSocketModeHandler(
-                app, app_token=settings.slack_app_token.get_secret_value(), web_client=client
+            socket = SocketHandler(
+                app,
+                app_token=settings.slack_app_token.get_secret_value(),
+                web_client=client,
+                ping_interval=tuning.socket_retry_s,
             )
-            try:
-                await socket.connect_async()  # type: ignore[no-untyped-call]
-            except BaseException:
-                await socket.close_async()  # type: ignore[no-untyped-call]
-                await runner.cleanup()
-                raise
-            logger.info("slack app connected in Socket Mode; health on port %d", port)
+            runner = await serve_health(port, socket_readiness(socket, readiness), host=host)
+            logger.info("slack app connecting in Socket Mode; health on port %d", port)
             return cls(bot, runner, socket, port)
         assert settings.slack_signing_secret is not None
-        app = bolt_app(bot, settings.slack_signing_secret.get_secret_value())
-        runner = web.AppRunner(http_app(app, readiness), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        secret = settings.slack_signing_secret.get_secret_value()
+        app = bolt_app(bot, secret)
+        runner = await serve(http_app(app, secret, readiness), port, host)
         logger.info("slack app listening on port %d (POST %s)", port, EVENTS_PATH)
         return cls(bot, runner, None, port)
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
+        """No more events (the socket closed, connection attempts ended, the HTTP server down),
+        then answers in flight get the grace period."""
         if self._socket is not None:
             await self._socket.close_async()  # type: ignore[no-untyped-call]
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
         await self._runner.cleanup()
         await self.bot.drain(drain_timeout_s)

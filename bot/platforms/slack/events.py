@@ -29,7 +29,7 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.conversation import ConversationKey, StoreError
-from bot.platforms.frontdoor import FrontDoor, error_reply
+from bot.platforms.frontdoor import FrontDoor, error_reply, first_delivery
 from bot.platforms.slack.mrkdwn import escape
 from bot.platforms.slack.sink import SLACK_TEXT_LIMIT, UPDATE_INTERVAL_S, Features, Place, SlackSink
 from bot.sampling import COMMAND
@@ -60,7 +60,8 @@ class Tuning:
     update_interval_s: float = UPDATE_INTERVAL_S
     rate_limit_retries: int = 5
     rate_limit_jitter_s: float = 1.0
-    drain_timeout_s: float = 10.0
+    drain_timeout_s: float = 20.0  # the app passes SHUTDOWN_GRACE_SECONDS
+    socket_retry_s: float = 10.0  # Socket Mode: between connection attempts, and the ping period
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ class Question:
     text: str
     claim_ids: tuple[str, ...]
     kind: str  # event type, for logs
-    retry: str | None  # X-Slack-Retry-Num, when this is a re-delivery
+    retry: str | None  # X-Slack-Retry-Num, only when this is a re-delivery (1, 2, …)
 
 
 class SlackBot:
@@ -160,6 +161,8 @@ class SlackBot:
         ts = str(event["ts"])
         thread = str(event.get("thread_ts") or ts)
         retry = request.headers.get("x-slack-retry-num", [None])[0]
+        if first_delivery(retry):
+            retry = None  # Socket Mode's retry_attempt 0 becomes the header "0": a first delivery
         return Question(
             key=ConversationKey(PLATFORM, team, channel, thread),
             user=str(event["user"]),
