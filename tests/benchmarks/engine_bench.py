@@ -1,13 +1,15 @@
-"""Engine benchmark: the continuous-batching engine against one-at-a-time pipeline calls.
+"""Engine benchmark: the continuous-batching engine against the seed's one-at-a-time pipeline
+and against static batching (one `generate` call for the whole batch).
 
-Prints figures; asserts nothing about speed. Both sides run in the same process on the same
-model, side by side, so the ratio is what to read.
+Prints figures; asserts nothing about speed. The three sides run in the same process on the same
+model, interleaved (the side that runs first alternates), --repeat times each, with fresh prompts
+every time (no prefix-cache hits); rows show min/median/max and the ratios of the medians.
 
-    # CPU proxy (every machine): tiny EXAONE-shaped model, 16 concurrent questions
-    python -m tests.benchmarks.engine_bench --size tiny --concurrency 16
+    # CPU proxy: EXAONE-3.5-shaped, 168 M parameters (hidden 1024, 12 layers, 8/2 heads, 32k vocab)
+    python -m tests.benchmarks.engine_bench --size proxy --concurrency 1,4,16,32 --repeat 3
 
-    # GPU: full-size EXAONE-3.5-2.4B shape, random bf16 weights (no download)
-    python -m tests.benchmarks.engine_bench --size full --device cuda --concurrency 1,8,32
+    # GPU: full-size EXAONE-3.5-2.4B shape, random bf16 weights (tests/benchmarks/gpu.sh)
+    python -m tests.benchmarks.engine_bench --size full --device cuda --concurrency 1,32,64 --json
 
 The model is EXAONE 3.5's config translated to Llama (as the loader does) with random weights,
 and a word-level tokenizer covering the whole vocabulary, so every generated id is text and
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import time
@@ -62,6 +65,18 @@ def word_tokenizer(vocab_size: int) -> Any:
     return fast
 
 
+# A CPU-sized EXAONE 3.5: the 2.4B model's proportions (GQA 4:1, MLP 2.8x) at 168 M parameters.
+PROXY_SHAPE = {
+    "hidden_size": 1024,
+    "num_layers": 12,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "intermediate_size": 2816,
+    "vocab_size": 32000,
+}
+
+
 def build_model(size: str, device: str, dtype: torch.dtype) -> Any:
     from transformers import LlamaForCausalLM
 
@@ -69,6 +84,8 @@ def build_model(size: str, device: str, dtype: torch.dtype) -> Any:
     if size == "tiny":
         rope = dict(raw["rope_scaling"], original_max_position_embeddings=512)
         raw.update(TINY_SHAPE, vocab_size=512, rope_scaling=rope)
+    elif size == "proxy":
+        raw.update(PROXY_SHAPE)
     config = exaone_to_llama_config(raw)
     torch.manual_seed(0)
     with torch.device(device):
@@ -103,7 +120,8 @@ def in_memory_engine(model: Any, tokenizer: Any, device: str, **kwargs: Any) -> 
 
 
 def prompt(i: int, words: int) -> list[ChatMessage]:
-    text = " ".join(f"w{100 + (i * 7 + j) % 400}" for j in range(words))
+    """Question i: distinct from every other i from its first word (no shared prefix to reuse)."""
+    text = " ".join(f"w{100 + (i * 7919 + j * 31) % 400}" for j in range(words))
     return [
         {"role": "system", "content": "w20 w21 w22 w23"},
         {"role": "user", "content": text},
@@ -121,11 +139,16 @@ class Run:
         return self.tokens / self.seconds
 
 
-async def engine_run(engine: BatchingEngine, n: int, words: int, new_tokens: int) -> Run:
+GREEDY_FIXED = {"do_sample": False, "pad_token_id": 0}
+
+
+async def engine_run(
+    engine: BatchingEngine, n: int, words: int, new_tokens: int, base: int = 0
+) -> Run:
     sampling = SamplingSettings(do_sample=False, max_new_tokens=new_tokens)
 
     async def one(i: int) -> tuple[int, float]:
-        encoded = await asyncio.to_thread(engine.encode, prompt(i, words))
+        encoded = await asyncio.to_thread(engine.encode, prompt(base + i, words))
         async for event in engine.stream(encoded, sampling):
             if isinstance(event, Finished):
                 return event.completion_tokens, event.first_token_s or 0.0
@@ -137,23 +160,50 @@ async def engine_run(engine: BatchingEngine, n: int, words: int, new_tokens: int
     return Run(seconds, sum(t for t, _ in results), [f for _, f in results])
 
 
-def pipeline_run(pipe: Any, n: int, words: int, new_tokens: int) -> Run:
+def pipeline_run(pipe: Any, n: int, words: int, new_tokens: int, base: int = 0) -> Run:
+    """The seed's path: pipeline("text-generation"), one question after another."""
     began = time.perf_counter()
     for i in range(n):
         pipe(
-            prompt(i, words),
+            prompt(base + i, words),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
+            return_full_text=False,
+            **GREEDY_FIXED,
         )
     return Run(time.perf_counter() - began, n * new_tokens, [])
 
 
-async def single_stream(engine: BatchingEngine, words: int, new_tokens: int) -> tuple[float, float]:
-    """Decode tokens/s of one stream (after its first token), and its time to first token."""
+def static_run(model: Any, tokenizer: Any, n: int, words: int, new_tokens: int, base: int) -> Run:
+    """Static batching: the n prompts left-padded into one `generate` call (the best case for a
+    batch that arrives together and ends together)."""
+    rows = [
+        tokenizer.apply_chat_template(
+            prompt(base + i, words), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for i in range(n)
+    ]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=model.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    began = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            **GREEDY_FIXED,
+        )
+    return Run(time.perf_counter() - began, n * new_tokens, [])
+
+
+async def single_stream(
+    engine: BatchingEngine, words: int, new_tokens: int, base: int
+) -> tuple[float, float]:
+    """Decode ms per token of one stream (after its first token), and its time to first token."""
     sampling = SamplingSettings(do_sample=False, max_new_tokens=new_tokens)
-    encoded = await asyncio.to_thread(engine.encode, prompt(0, words))
+    encoded = await asyncio.to_thread(engine.encode, prompt(base, words))
     began = time.perf_counter()
     first = last = None
     count = 0
@@ -164,69 +214,148 @@ async def single_stream(engine: BatchingEngine, words: int, new_tokens: int) -> 
             last = now
             count += 1
     assert first is not None and last is not None
-    return (count - 1) / max(last - first, 1e-9), first - began
+    return (last - first) * 1000 / max(count - 1, 1), first - began
 
 
-async def main(args: argparse.Namespace) -> None:
+def memory_bandwidth(device: str) -> float:
+    """Bytes/s of a large copy on this device (read + write), best of five."""
+    x = torch.empty(64 * 2**20 // 4 * 4, dtype=torch.float32, device=device)  # 256 MiB
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(5):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        y.copy_(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - began)
+    return 2 * x.numel() * x.element_size() / best
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.0f}/{statistics.median(values):.0f}/{max(values):.0f}"
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = build_model(args.size, device, dtype)
     tokenizer = word_tokenizer(int(model.config.vocab_size))
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
-    print(f"device: {name}; model: EXAONE-3.5-2.4B shape ({args.size}), {dtype}, random weights")
-    print(f"torch {torch.__version__}; new tokens per answer: {args.new_tokens}")
+    params = sum(p.numel() for p in model.parameters())
+    print(f"device: {name}, {torch.get_num_threads()} threads; torch {torch.__version__}")
+    print(f"model: EXAONE-3.5 shape ({args.size}), {params / 1e6:.0f} M parameters, {dtype}")
+    print(f"new tokens per answer: {args.new_tokens}; repetitions: {args.repeat}", flush=True)
 
     from transformers import pipeline
 
     pipe: Any = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    pipe(prompt(0, 8), max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm it too
+    pipe(prompt(0, 8), max_new_tokens=2, return_full_text=False, **GREEDY_FIXED)  # warm it too
+    static_run(model, tokenizer, 2, 8, 2, base=0)
 
     engine = in_memory_engine(model, tokenizer, device, max_in_flight=1024)
     try:
-        await measure(engine, pipe, args)
+        return await measure(engine, pipe, model, tokenizer, params, args)
     finally:
         await engine.aclose()  # the engine's thread would otherwise keep the process alive
 
 
-async def measure(engine: BatchingEngine, pipe: Any, args: argparse.Namespace) -> None:
+async def measure(
+    engine: BatchingEngine,
+    pipe: Any,
+    model: Any,
+    tokenizer: Any,
+    params: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     began = time.perf_counter()
     await engine.start()  # includes the engine's own warm-up
     print(f"engine start-up incl. warm-up: {time.perf_counter() - began:.1f}s", flush=True)
+    fresh = iter(range(1000, 10**9, 997))  # a new prompt base for every run
+    report: dict[str, Any] = {"device": args.device, "size": args.size, "params": params}
 
-    rate, _ = await single_stream(engine, 16, args.new_tokens)
-    ttfts = [
-        (await single_stream(engine, args.ttft_prompt_words, 2))[1] for _ in range(args.repeat)
-    ]
-    print(f"single stream: {rate:.0f} tokens/s")
-    print(
-        f"time to first token, {args.ttft_prompt_words}-word prompt: "
-        f"p50 {statistics.median(ttfts) * 1000:.1f} ms over {args.repeat} runs"
+    # Single stream: ms/token and the memory-bandwidth roofline (every weight read per token).
+    bandwidth = memory_bandwidth(args.device)
+    weight_bytes = params * next(model.parameters()).element_size()
+    ms = [(await single_stream(engine, 16, args.new_tokens, next(fresh)))[0] for _ in range(3)]
+    per_token = statistics.median(ms)
+    roofline = bandwidth / weight_bytes
+    report.update(
+        single_stream_tokens_per_s=1000 / per_token,
+        bandwidth_gb_s=bandwidth / 1e9,
+        roofline_fraction=(1000 / per_token) / roofline,
     )
-    for n in args.concurrency:
-        ours = await engine_run(engine, n, 16, args.new_tokens)
-        theirs = pipeline_run(pipe, min(n, args.pipeline_max), 16, args.new_tokens)
-        ratio = ours.tokens_per_s / theirs.tokens_per_s
-        print(
-            f"{n:3d} concurrent: engine {ours.tokens_per_s:8.0f} tokens/s "
-            f"({ours.seconds:.2f}s for {ours.tokens} tokens); "
-            f"pipeline one at a time {theirs.tokens_per_s:8.0f} tokens/s; ratio {ratio:.1f}x",
-            flush=True,
-        )
+    print(
+        f"single stream: {1000 / per_token:.0f} tokens/s ({per_token:.1f} ms/token, min "
+        f"{min(ms):.1f} max {max(ms):.1f}); memory bandwidth {bandwidth / 1e9:.1f} GB/s, "
+        f"roofline {roofline:.0f} tokens/s -> {report['roofline_fraction']:.0%} of it"
+    )
+    ttfts = [
+        (await single_stream(engine, args.long_words, 2, next(fresh)))[1] * 1000
+        for _ in range(args.repeat)
+    ]
+    report["ttft_ms_long_prompt"] = statistics.median(ttfts)
+    print(
+        f"time to first token, fresh {args.long_words}-word prompt: min/median/max "
+        f"{min(ttfts):.0f}/{statistics.median(ttfts):.0f}/{max(ttfts):.0f} ms",
+        flush=True,
+    )
+
+    rows: dict[str, Any] = {}
+    for words in args.words:
+        for n in args.concurrency:
+            rates: dict[str, list[float]] = {"engine": [], "pipeline": [], "static": []}
+            for rep in range(args.repeat):
+                sides = ["engine", "pipeline", "static"]
+                order = sides[rep % 3 :] + sides[: rep % 3]  # each side goes first in turn
+                for side in order:
+                    base = next(fresh)
+                    if side == "engine":
+                        run = await engine_run(engine, n, words, args.new_tokens, base)
+                    elif side == "pipeline":
+                        calls = min(n, args.pipeline_max)
+                        run = pipeline_run(pipe, calls, words, args.new_tokens, base)
+                    else:
+                        run = static_run(model, tokenizer, n, words, args.new_tokens, base)
+                    rates[side].append(run.tokens_per_s)
+            med = {side: statistics.median(v) for side, v in rates.items()}
+            row = {
+                **{f"{side}_tokens_per_s": v for side, v in rates.items()},
+                "engine_vs_pipeline": med["engine"] / med["pipeline"],
+                "engine_vs_static": med["engine"] / med["static"],
+            }
+            rows[f"{n}x{words}w"] = row
+            print(
+                f"{n:3d} concurrent, {words:3d}-word prompts: tokens/s min/median/max "
+                f"engine {spread(rates['engine'])}, pipeline {spread(rates['pipeline'])}, "
+                f"static generate {spread(rates['static'])}; engine/pipeline "
+                f"{row['engine_vs_pipeline']:.2f}x, engine/static {row['engine_vs_static']:.2f}x",
+                flush=True,
+            )
+    report["rows"] = rows
+    varlen, decode = engine.manager.continuous_batching_config.cuda_graph_booleans
+    report["cuda_graphs"] = bool(varlen or decode)
+    report["attention"] = str(model.config._attn_implementation)
+    if args.json:
+        print(json.dumps(report))
+    return report
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "proxy", "full"], default="proxy")
     parser.add_argument("--device", default="cpu")
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    parser.add_argument("--concurrency", default="1,4,16,32", type=ints)
+    parser.add_argument("--words", default="16,250", type=ints, help="prompt lengths (words)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--long-words", type=int, default=500)  # ~512 tokens with the template
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
-        "--concurrency", default="16", type=lambda s: [int(x) for x in s.split(",")]
+        "--pipeline-max", type=int, default=4, help="pipeline calls per run (one at a time)"
     )
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--ttft-prompt-words", type=int, default=500)  # ≈512 tokens with template
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument(
-        "--pipeline-max", type=int, default=16, help="pipeline calls per row (time-bounded)"
-    )
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     return parser.parse_args(argv)
 
 

@@ -1,14 +1,17 @@
 """The benchmark scripts, run with reduced sizes so they cannot rot.
 
 Speed is not asserted here (benchmarks print figures, side by side in one run); these check that
-every figure the README quotes is still produced. The GPU benchmark is the same script as the
-CPU proxy with --size full --device cuda, so running it on CPU with the tiny shape covers it.
+every figure the README quotes is still produced. The GPU run (tests/benchmarks/gpu.sh) is the
+same script with --size full --device cuda; its --smoke mode runs it on CPU with the tiny shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -19,17 +22,38 @@ pytestmark = pytest.mark.slow
 
 def test_engine_bench_prints_every_figure(capsys):
     args = engine_bench.parse(
-        ["--size", "tiny", "--concurrency", "1,4", "--new-tokens", "6", "--repeat", "2",
-         "--ttft-prompt-words", "40", "--pipeline-max", "2"]
+        ["--size", "tiny", "--concurrency", "1,4", "--words", "16", "--new-tokens", "6",
+         "--repeat", "3", "--long-words", "40", "--pipeline-max", "2"]
     )  # fmt: skip
-    asyncio.run(engine_bench.main(args))
+    report = asyncio.run(engine_bench.main(args))
     out = capsys.readouterr().out
-    assert re.search(r"single stream: \d+ tokens/s", out)
-    assert re.search(r"time to first token, 40-word prompt: p50 [\d.]+ ms", out)
+    assert re.search(r"single stream: \d+ tokens/s \([\d.]+ ms/token", out)
+    assert re.search(r"roofline \d+ tokens/s -> \d+% of it", out)
+    assert re.search(r"time to first token, fresh 40-word prompt: min/median/max [\d/]+ ms", out)
     for n in (1, 4):
-        row = re.search(rf"\s{n} concurrent: engine\s+\d+ tokens/s .* ratio [\d.]+x", out)
+        row = re.search(
+            rf"\s{n} concurrent,  16-word prompts: tokens/s min/median/max engine [\d/]+, "
+            r"pipeline [\d/]+, static generate [\d/]+; engine/pipeline [\d.]+x, "
+            r"engine/static [\d.]+x",
+            out,
+        )
         assert row, out
-    assert re.search(r"for 24 tokens", out)
+        assert len(report["rows"][f"{n}x16w"]["engine_tokens_per_s"]) == 3  # three repetitions
+
+
+def test_gpu_script_runs_its_cpu_smoke_mode_and_prints_json():
+    """tests/benchmarks/gpu.sh is what a GPU host runs; --smoke takes the same code path on CPU
+    with the tiny shape, so the script cannot rot while no GPU is lent."""
+    script = Path(__file__).with_name("gpu.sh")
+    done = subprocess.run(
+        ["bash", str(script), "--smoke"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"single_stream_tokens_per_s", "roofline_fraction", "ttft_ms_long_prompt",
+            "cuda_graphs", "attention"} <= report.keys()  # fmt: skip
+    assert set(report["rows"]) == {"1x16w", "4x16w"}
+    assert report["cuda_graphs"] is False  # CPU
 
 
 def test_overhead_bench_reports_latency_and_round_trips(capsys):
