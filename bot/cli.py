@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 from bot.commands.runtime import StartupError
 from bot.config import ConfigError, load_settings
@@ -16,6 +18,22 @@ from bot.ops.redis_server import RedisServerError
 from bot.sampling import check_collection
 
 logger = logging.getLogger("bot")
+
+_CHAT_HELP = """\
+what it answers with:
+  LLM_MODEL       hub id or checkpoint directory of the local model (default:
+                  LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct, downloaded once, ~4.8 GB);
+                  `none` for no local model
+  LLM_BASE_URL    an OpenAI-compatible server serving LLM_MODEL instead
+  OPENAI_API_KEY  GPT, the fallback (or the only model with LLM_MODEL=none)
+
+in the conversation:
+  type a question and Enter; /llm-settings shows or changes sampling
+  (e.g. `/llm-settings temperature 0.3`); Ctrl-D (or Ctrl-C) ends it.
+  Works piped too: printf 'hello\\n' | supportbot chat
+
+`supportbot doctor` checks the configuration and says what is missing.
+"""
 
 # Each service command exposes `async def run(settings: Settings) -> int`.
 _SERVICES = {"slack": "bot.commands.slack", "discord": "bot.commands.discord"}
@@ -26,8 +44,16 @@ def _parser() -> argparse.ArgumentParser:
         prog="supportbot",
         description="A support chatbot for Slack and Discord, answering with EXAONE 3.5 or GPT.",
     )
+    parser.add_argument("--version", action="version", version=f"supportbot {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    chat = commands.add_parser("chat", help="talk to the bot in this terminal (reads stdin)")
+    chat = commands.add_parser(
+        "chat",
+        help="talk to the bot in this terminal (reads stdin)",
+        description="A conversation with the bot in this terminal, through the same service as "
+        "Slack and Discord. Replies go to stdout, logs to stderr.",
+        epilog=_CHAT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     chat.add_argument("--channel", default="terminal", help="conversation name (default: terminal)")
     commands.add_parser("slack", help="run the Slack app")
     commands.add_parser("discord", help="run the Discord bot")
@@ -53,7 +79,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return version("supportbot")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`supportbot doctor | head -1`): not an error worth a traceback.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as the shell reports it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "doctor":
         # Imported on demand; doctor reports an invalid configuration as one of its own lines.

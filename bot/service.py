@@ -574,11 +574,9 @@ def _no_backend_message(exc: NoBackendAvailable) -> tuple[str, str]:
             "circuit_open",
         )
     if all(isinstance(c, BackendUnavailable) for c in causes):
-        return (
-            "No model is available to answer: the configured models could not be loaded or "
-            "reached. An operator can run `supportbot doctor` to see why.",
-            "no_backend",
-        )
+        # Each reason names its backend, why, and what to do (e.g. the hub did not answer).
+        reasons = "; ".join(str(c).rstrip(".") for c in causes)
+        return f"No model is available to answer: {reasons}.", "no_backend"
     return (
         "Sorry, the model failed while answering. Please try again in a minute; if it keeps "
         "failing, an operator can run `supportbot doctor`.",
