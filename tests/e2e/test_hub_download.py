@@ -86,3 +86,27 @@ def test_silent_hub_without_gpt_says_what_to_do(env, silent_hub, tmp_path):  # n
     assert "did not answer within 1s" in reply
     assert "point LLM_MODEL at a checkpoint directory, or set OPENAI_API_KEY" in reply
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_doctor_fails_when_no_backend_can_answer_now(env, silent_hub, tmp_path):  # noqa: F811
+    """Model neither cached nor downloadable, no GPT key: exit 1, with the bot's own reason."""
+    import subprocess
+    import sys
+
+    env = hub_env(env, silent_hub, tmp_path)
+    env = {k: v for k, v in env.items() if not k.startswith("OPENAI_")}
+    env["HF_HUB_DOWNLOAD_TIMEOUT"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "doctor"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=env["HOME"],
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout
+    model = next(line for line in result.stdout.splitlines() if line[6:].startswith("model:"))
+    assert model.startswith("FAIL")
+    assert "did not answer within 1s (HF_HUB_DOWNLOAD_TIMEOUT); point LLM_MODEL at" in model
+    backend = next(line for line in result.stdout.splitlines() if line[6:].startswith("backend:"))
+    assert backend.startswith("FAIL")

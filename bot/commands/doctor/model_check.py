@@ -114,6 +114,17 @@ def _locate(model: str, download: bool) -> str | Check:
     where = f"not a directory here and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     if constants.HF_HUB_OFFLINE:
         return Check("model", Status.FAIL, f"{model}: {where}, and HF_HUB_OFFLINE is set")
+    # Downloadable now? Asked the way the bot asks (bounded calls, the same failure line): a hub
+    # that cannot be reached leaves the bot without this model, which is a FAIL, not a warning.
+    from bot.llm import hub
+
+    hub.bound_hub_calls()
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(model)
+    except Exception as exc:
+        return Check("model", Status.FAIL, hub.describe_failure(model, exc))
     return Check(
         "model",
         Status.WARN,
