@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast
 
@@ -144,8 +144,34 @@ class Store(Protocol):
         """Delete the channel's histories (threads included), logged; returns keys removed."""
         ...
 
-    async def claim(self, platform: str, *ids: str) -> bool:
-        """True when this caller is the first to claim every one of `ids` (exactly-once)."""
+    lease_s: float  # how long an event's lease lasts unless renewed
+
+    async def claim(
+        self, platform: str, *ids: str, conversation: ConversationKey | None = None
+    ) -> str | None:
+        """A lease on the event named by `ids`: its token when this caller won every id
+        (exactly-once), else None. It expires unless renewed, and marks the event done when
+        completed. With `conversation`, also that conversation's turn across replicas."""
+        ...
+
+    async def renew(
+        self,
+        platform: str,
+        ids: Sequence[str],
+        token: str,
+        conversation: ConversationKey | None = None,
+    ) -> bool:
+        """Extend a lease still held by `token`; False when it was lost."""
+        ...
+
+    async def complete(
+        self,
+        platform: str,
+        ids: Sequence[str],
+        token: str,
+        conversation: ConversationKey | None = None,
+    ) -> None:
+        """The answer was delivered: no later delivery of the event is answered."""
         ...
 
     async def mark_answered(self, key: ConversationKey) -> None:

@@ -5,10 +5,11 @@
   settings and the history in one MULTI/EXEC round trip.
 - Channel settings: a hash of overrides (no expiry: they survive restarts and silence) and an
   audit list of changes.
-- Event claims (exactly-once across replicas): `SET NX EX` on every id of an event, in one
-  transaction that also reads the keys back. Each claim writes a token of its own, so when the
-  client retries a claim whose first attempt did run (the connection dropped before the reply),
-  the retry finds its own token and still wins instead of standing down.
+- Event claims (exactly-once across replicas, through crashes): a lease on every id of an
+  event (and on the conversation's turn), taken in one script, renewed while the answer is
+  produced and turned into a done mark when it is delivered. Each claim writes a token of its
+  own, so when the client retries a claim whose first attempt did run (the connection dropped
+  before the reply), the retry finds its own token and still wins instead of standing down.
 - Threads the bot answered in (follow-ups without a mention).
 
 Keys share the channel's hash tag (bot.conversation). Every RedisError leaves as StoreError.
@@ -16,6 +17,7 @@ Keys share the channel's hash tag (bot.conversation). Every RedisError leaves as
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -52,6 +54,10 @@ REDIS_MAX_CONNECTIONS = 64  # per process; more commands in flight wait for a fr
 # Slack re-sends an unacknowledged event three times within about five minutes; an hour covers
 # that (and slow replicas) with room to spare while keeping the key count small.
 DEFAULT_CLAIM_TTL_S = 3600
+# An event's lease while it is answered, renewed every third of it: a replica that dies
+# mid-answer frees the event for Slack's next retry (the first comes about a minute later).
+DEFAULT_LEASE_S = 30.0
+TURN_POLL_S = 0.05  # how often a question waiting for another replica's turn looks again
 AUDIT_KEEP = 200
 
 P = ParamSpec("P")
@@ -165,6 +171,12 @@ def claim_key(platform: str, event_id: str) -> str:
     return f"sb:event:{platform}:{event_id}"
 
 
+def turn_key(key: ConversationKey) -> str:
+    """The lease on a conversation's turn, held by the replica answering in it."""
+    suffix = f":{key.thread}" if key.thread else ""
+    return f"sb:{key.channel_tag}:turn{suffix}"
+
+
 def answered_key(key: ConversationKey) -> str:
     return f"sb:{key.channel_tag}:answered:{key.thread}"
 
@@ -183,6 +195,7 @@ class RedisStore:
         max_messages: int = 40,
         ttl_seconds: int = 7 * 24 * 3600,
         claim_ttl_s: int = DEFAULT_CLAIM_TTL_S,
+        lease_s: float = DEFAULT_LEASE_S,
         owner: str | None = None,
         knowledge_defaults: KnowledgeChoice | None = None,
     ) -> None:
@@ -193,6 +206,7 @@ class RedisStore:
         self.max_messages = max_messages
         self.ttl_seconds = ttl_seconds
         self.claim_ttl_s = claim_ttl_s
+        self.lease_s = lease_s
         # Stored as a claim's value, so an operator can see which replica took an event.
         self.owner = owner or _instance_name()
 
@@ -352,22 +366,89 @@ class RedisStore:
     # -- events and threads -----------------------------------------------------------------
 
     @_store_errors
-    async def claim(self, platform: str, *ids: str) -> bool:
-        """Several ids name one event when the platform sends it in more than one form (Slack's
+    async def claim(
+        self, platform: str, *ids: str, conversation: ConversationKey | None = None
+    ) -> str | None:
+        """A lease on an event: its token when this caller won every id, else None.
+
+        The lease lasts `lease_s` unless renewed (`renew`, while the answer is produced) and
+        becomes a done mark for `claim_ttl_s` once the answer is delivered (`complete`). A
+        replica that dies mid-answer stops renewing, so the next delivery of the event, to
+        any replica, wins it again once the lease has expired.
+
+        With `conversation`, the same round trip also leases the conversation's turn (the
+        same token): a won event whose conversation is in another replica's turn waits for
+        that turn to end (or its lease to expire), so replicas cannot interleave a
+        conversation's questions and answers. `complete` ends the turn.
+
+        Several ids name one event when the platform sends it in more than one form (Slack's
         `app_mention` and `message` for one message have different event ids but the same
-        channel and ts). All keys are set in one transaction, so of two racing copies exactly
-        one wins them all. (The keys carry no hash tag: on Redis Cluster the ids of one claim
-        would need one in common; the bot's client is a single-node one.)"""
+        channel and ts). All keys are set in one script, so of two racing copies exactly one
+        wins them all, and a retry of a claim that did run finds its own token and still
+        wins. (The keys carry no hash tag: on Redis Cluster the ids of one claim would need
+        one in common; the bot's client is a single-node one.)"""
         if not ids:
             raise ValueError("claim needs at least one id")
         token = f"{self.owner}:{secrets.token_hex(8)}"
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for event_id in ids:
-                name = claim_key(platform, event_id)
-                pipe.set(name, token, nx=True, ex=self.claim_ttl_s)
-                pipe.get(name)
-            results = await pipe.execute()
-        return all(_text(value) == token for value in results[1::2])
+        keys = [claim_key(platform, event_id) for event_id in ids]
+        if conversation is not None:
+            keys.append(turn_key(conversation))
+        won = int(
+            await self.redis.eval(
+                _CLAIM, len(keys), *keys, token, round(self.lease_s * 1000), len(ids)
+            )
+        )
+        if won < 0:
+            return None
+        if won == 0:  # the event is ours, the conversation is in another replica's turn
+            await self._wait_for_turn(keys[-1], token, keys[:-1])
+        return token
+
+    async def _wait_for_turn(self, turn: str, token: str, names: list[str]) -> None:
+        """Poll until the conversation's turn is ours, keeping the event's lease meanwhile."""
+        lease_ms = round(self.lease_s * 1000)
+        while True:
+            await asyncio.sleep(TURN_POLL_S)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.set(turn, token, nx=True, px=lease_ms)
+                for name in names:
+                    pipe.pexpire(name, lease_ms)
+                results = await pipe.execute()
+            if results[0]:
+                return
+
+    @_store_errors
+    async def renew(
+        self,
+        platform: str,
+        ids: Sequence[str],
+        token: str,
+        conversation: ConversationKey | None = None,
+    ) -> bool:
+        """Extend a lease (and its conversation turn) still held by `token` by `lease_s`;
+        False when it was lost."""
+        keys = [claim_key(platform, event_id) for event_id in ids]
+        if conversation is not None:
+            keys.append(turn_key(conversation))
+        held = await self.redis.eval(_RENEW, len(keys), *keys, token, round(self.lease_s * 1000))
+        return int(held) == len(keys)
+
+    @_store_errors
+    async def complete(
+        self,
+        platform: str,
+        ids: Sequence[str],
+        token: str,
+        conversation: ConversationKey | None = None,
+    ) -> None:
+        """The answer was delivered: the lease becomes a done mark that outlives re-deliveries,
+        and the conversation's turn (if leased) passes on. One round trip."""
+        keys = [claim_key(platform, event_id) for event_id in ids]
+        turn = [turn_key(conversation)] if conversation is not None else []
+        await self.redis.eval(
+            _COMPLETE, len(keys) + len(turn), *keys, *turn, token, f"done:{token}",
+            self.claim_ttl_s, len(keys),
+        )  # fmt: skip
 
     @_store_errors
     async def mark_answered(self, key: ConversationKey) -> None:
@@ -377,6 +458,54 @@ class RedisStore:
     @_store_errors
     async def was_answered(self, key: ConversationKey) -> bool:
         return bool(await self.redis.exists(answered_key(key)))
+
+
+# Lease scripts: touch a key only while it still holds our token (a lease that expired may
+# already be another replica's).
+# Claim: all of the event's keys or none (a copy racing with another cannot split them), and
+# the conversation's turn when it is free. -1: lost; 0: won, the turn is taken; 1: won both.
+_CLAIM = """
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  local holder = redis.call('GET', KEYS[i])
+  if holder and holder ~= ARGV[1] then
+    return -1
+  end
+end
+for i = 1, n do
+  redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+end
+if #KEYS > n then
+  local holder = redis.call('GET', KEYS[n + 1])
+  if holder and holder ~= ARGV[1] then
+    return 0
+  end
+  redis.call('SET', KEYS[n + 1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+_RENEW = """
+local held = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    held = held + 1
+  end
+end
+return held
+"""
+_COMPLETE = """
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    if i <= tonumber(ARGV[4]) then
+      redis.call('SET', key, ARGV[2], 'EX', ARGV[3])
+    else
+      redis.call('DEL', key)
+    end
+  end
+end
+return 0
+"""
 
 
 def _shown(value: SettingValue | None) -> str | None:

@@ -27,6 +27,7 @@ import logging
 import math
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from bot.conversation import ConversationKey, StoreError
@@ -109,6 +110,9 @@ class FrontDoor:
         self.accepting = True
         self.cutting = False  # past the grace period: answers still running are being cut
         self._tasks: set[asyncio.Task[None]] = set()
+        # By answer task: the lease it won, and the conversation it answers in.
+        self._leases: dict[asyncio.Task[Any] | None, _Lease] = {}
+        self._asking: dict[asyncio.Task[Any] | None, ConversationKey] = {}
 
     @property
     def tasks(self) -> frozenset[asyncio.Task[None]]:
@@ -152,7 +156,9 @@ class FrontDoor:
         """True when this process should answer: the first to claim every id, or the store is
         down (then answer anyway; the event was acknowledged and would otherwise be lost)."""
         try:
-            first = await self.service.store.claim(self.platform, *ids)
+            # The conversation this task answers in (set by answer()): its turn is leased too.
+            conversation = self._asking.get(asyncio.current_task())
+            token = await self.service.store.claim(self.platform, *ids, conversation=conversation)
         except StoreError as exc:
             logger.warning(
                 "could not claim %s %s %s (%s); answering without the claim",
@@ -162,6 +168,9 @@ class FrontDoor:
                 exc,
             )
             return True
+        first = token is not None
+        if token is not None:
+            self._hold(ids, token, conversation)
         if not first:
             metrics.DUPLICATES.labels(self.platform).inc()
             logger.info("ignoring a duplicate %s %s %s (retry %s)",
@@ -194,7 +203,56 @@ class FrontDoor:
             message.begin()  # the working indicator, while the model starts
             return True
 
-        await message.deliver(self.service.ask(key, user, text, admit=admitted))
+        task = asyncio.current_task()
+        self._asking[task] = key.scoped(self.service.scope)
+        try:
+            await message.deliver(self.service.ask(key, user, text, admit=admitted))
+        finally:
+            del self._asking[task]
+            lease = self._leases.pop(task, None)
+            if lease is not None:
+                lease.renewer.cancel()
+        # Delivered (not cancelled): the event is done. A replica that dies before this line
+        # leaves only a lease, which expires, and the next delivery is answered elsewhere.
+        if lease is not None:
+            try:
+                await self.service.store.complete(
+                    self.platform, lease.ids, lease.token, lease.conversation
+                )
+            except StoreError as exc:
+                logger.warning("could not mark %s event %s done (%s); its lease will expire",
+                               self.platform, lease.ids[0], exc)  # fmt: skip
+
+    def _hold(self, ids: tuple[str, ...], token: str, conversation: ConversationKey | None) -> None:
+        """Keep the lease this answer task won, renewed until `answer()` ends."""
+        task = asyncio.current_task()
+        renewer = asyncio.create_task(self._renew(ids, token, conversation), name=f"lease {ids[0]}")
+        self._leases[task] = _Lease(ids, token, conversation, renewer)
+
+    async def _renew(
+        self, ids: tuple[str, ...], token: str, conversation: ConversationKey | None
+    ) -> None:
+        store = self.service.store
+        while True:
+            await asyncio.sleep(store.lease_s / 3)
+            try:
+                if not await store.renew(self.platform, ids, token, conversation):
+                    logger.warning("lost the lease on %s event %s: another replica may answer it",
+                                   self.platform, ids[0])  # fmt: skip
+                    return
+            except StoreError as exc:  # the next renewal may get through before it expires
+                logger.warning("could not renew the lease on %s event %s (%s)",
+                               self.platform, ids[0], exc)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """An event this process is answering: its claim's ids and token, and the task renewing it."""
+
+    ids: tuple[str, ...]
+    token: str
+    conversation: ConversationKey | None  # whose turn the lease also holds
+    renewer: asyncio.Task[None]
 
 
 class Sink(Protocol):

@@ -19,6 +19,7 @@ from pathlib import Path
 from bot.conversation import ConversationKey
 from bot.llm.chain import LLMChain
 from bot.ops.redis_server import RedisServer, free_port
+from bot.platforms.frontdoor import FrontDoor
 from bot.sampling import SamplingSettings
 from bot.service import SupportService, User
 from bot.store import RedisStore
@@ -73,6 +74,31 @@ async def run(channels: int, rounds: int) -> None:
                 f"p99 {percentile(samples, 0.99) * 1000:.2f} ms"
             )
             print(f"  Redis round trips per question: {per_question:.2f}")
+
+            # The same questions as a platform asks them: through a front door whose
+            # exactly-once claim is a lease on the event and the conversation's turn.
+            door = FrontDoor(service, "slack", drain_timeout_s=5.0)
+            sink = _NullSink()
+            events = iter(range(1_000_000_000))
+
+            async def ask_door(key: ConversationKey, text: str) -> None:
+                event = f"E{next(events)}"
+
+                async def admit() -> bool:
+                    return await door.claim((event,), "message")
+
+                await door.answer(key, user, text, sink, admit=admit, interval_s=1.0)
+
+            trips = RoundTrips.count
+            for r in range(rounds):
+                for key in keys:
+                    await ask_door(key, f"door question {r}")
+            through_door = (RoundTrips.count - trips) / (rounds * len(keys))
+            print(
+                f"  through a front door (event + turn lease, done mark): {through_door:.2f} "
+                f"round trips per question, {through_door - per_question - 1:+.2f} over "
+                "the service plus the claim it always had"
+            )
             began = time.perf_counter()
             await asyncio.gather(*(ask(key, "all at once") for key in keys))
             elapsed = time.perf_counter() - began
@@ -83,6 +109,28 @@ async def run(channels: int, rounds: int) -> None:
         finally:
             await redis.aclose()
             server.stop()
+
+
+class _NullSink:
+    """A platform that shows nothing (the front door's writes cost no Redis)."""
+
+    async def working(self) -> None:
+        pass
+
+    def wait_s(self) -> float:
+        return 0.0
+
+    async def show(self, text: str) -> bool:
+        return True
+
+    async def finish(self, text: str) -> None:
+        pass
+
+    async def tell(self, text: str) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,6 +64,9 @@ def test_overhead_bench_reports_latency_and_round_trips(capsys):
     assert found, out
     trips = float(found.group(1))
     assert trips == 2.0  # a real count: settings+question in one pipeline, the answer in another
+    # Exactly-once across replicas costs one round trip more than the claim it always had.
+    door = re.search(r"front door .*: ([\d.]+) round trips per question, \+([\d.]+) over", out)
+    assert door and float(door.group(1)) == 4.0 and float(door.group(2)) == 1.0, out
 
 
 def test_memory_bench_reports_engine_and_redis(capsys):

@@ -253,10 +253,10 @@ async def test_a_shutdown_during_the_claim_waits_for_that_answer(
         await world.bot.drain(grace_s=30)
         drained.append([m.content for m in world.answers()])
 
-    async def slow_claim(platform: str, *ids: str) -> bool:
+    async def slow_claim(platform: str, *ids: str, **kw: Any) -> str | None:
         stopping.append(asyncio.create_task(stop_now()))  # SIGTERM arrives mid-claim...
         await asyncio.sleep(0.5)  # ...while the claim's round trip is slow
-        return await claim(platform, *ids)
+        return await claim(platform, *ids, **kw)
 
     stopping: list[asyncio.Task[None]] = []
     monkeypatch.setattr(service.store, "claim", slow_claim)

@@ -179,7 +179,7 @@ async def test_a_configured_backend_that_failed_to_load_is_not_called_not_config
     (failure,) = events
     assert isinstance(failure, Failure) and failure.reason == "no_backend"
     assert "not set" not in failure.message and "OPENAI_API_KEY" not in failure.message
-    assert "could not be loaded" in failure.message and "supportbot doctor" in failure.message
+    assert "No model is available" in failure.message and "weights missing" in failure.message
     assert f"[error_id={failure.error_id}]" in caplog.text and "weights missing" in caplog.text
 
 

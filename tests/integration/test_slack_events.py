@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import re
+from typing import Any
 
 import pytest
 
@@ -307,10 +308,10 @@ async def test_two_mentions_in_a_channel_are_answered_in_arrival_order_whatever_
     async with running_slack_app(settings()) as app:
         claim = app.runtime.store.claim
 
-        async def claim_first_slowly(platform: str, *ids: str) -> bool:
+        async def claim_first_slowly(platform: str, *ids: str, **kw: Any) -> str | None:
             if "C0GENERAL:1700.010100" in ids:
                 await asyncio.sleep(0.3)  # its round trip completes after the second mention's
-            return await claim(platform, *ids)
+            return await claim(platform, *ids, **kw)
 
         monkeypatch.setattr(app.runtime.store, "claim", claim_first_slowly)
         await app.send_event(mention("<@U0BOT> first", ts="1700.010100"))
