@@ -186,9 +186,7 @@ def build_knowledge(settings: Settings, redis: Redis, *, embed: bool = True) -> 
     embedder = None
     if embed and settings.kb_embed_enabled:
         embedder = Embedder(settings.kb_embed_model)
-    return KnowledgeBase(
-        KnowledgeStore(redis), embedder, min_similarity=settings.kb_min_similarity
-    )
+    return KnowledgeBase(KnowledgeStore(redis), embedder, min_similarity=settings.kb_min_similarity)
 
 
 async def build(
