@@ -62,8 +62,17 @@ class Embedder:
         self._loaded()
 
     @property
+    def device(self) -> str:
+        return str(self._loaded().device)
+
+    @property
     def dimension(self) -> int:
-        return int(self._loaded().get_sentence_embedding_dimension())
+        model = self._loaded()
+        # Renamed in sentence-transformers 6; the old name still works with a warning.
+        getter = getattr(model, "get_embedding_dimension", None) or (
+            model.get_sentence_embedding_dimension
+        )
+        return int(getter())
 
     @property
     def passage_tokens(self) -> int:

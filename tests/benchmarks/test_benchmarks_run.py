@@ -75,3 +75,18 @@ def test_memory_bench_reports_engine_and_redis(capsys):
     assert re.search(r"after 10 questions [\d.]+ MiB resident, after 40", out)
     assert "in flight 0, result handlers 0, undelivered outputs 0" in out
     assert "(40 messages kept of 200)" in out
+
+
+def test_kb_bench_prints_quality_ingest_latency_and_memory(capsys):
+    from tests.benchmarks import kb_bench
+
+    report = kb_bench.main(kb_bench.parse(["--sizes", "2000", "--queries", "20"]))
+    out = capsys.readouterr().out
+    for mode in ("keyword ", "semantic", "fused   "):
+        assert re.search(rf"  {mode} recall@4 [\d.]+  MRR [\d.]+", out), out
+    assert re.search(r"ingest: \d+ passages/s", out)
+    assert re.search(r"query embedding: p50 [\d.]+ ms", out)
+    assert re.search(r"search at 2,000 passages: p50 [\d.]+ ms, p99 [\d.]+ ms", out)
+    assert re.search(r"index memory [\d.]+ MB per 10,000 passages", out)
+    recall, _ = report["quality"]["fused"]  # type: ignore[index]
+    assert recall >= 0.9  # the set's labels still match what retrieval finds

@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from bot.knowledge import ingest
+from bot.ops.redis_server import free_port
 from tests.integration.test_knowledge import stored
 from tests.support.knowledge import docx_bytes, knowledge, pdf_bytes
-from tests.support.redis_tools import free_port
 
 PAGE = (
     "<html><head><title>Returns policy</title></head><body><h1>Returns</h1>"
