@@ -396,8 +396,11 @@ async def test_the_args_option_autocompletes_words_keys_and_values(world: World)
         "top_p",
         "max_new_tokens",
         "do_sample",
+        "knowledge",
+        "collection",
     ]
     assert await offered("te") == ["temperature"]
+    assert await offered("kn") == ["knowledge"]
     assert await offered("temperature 0.8 top_") == [
         "temperature 0.8 top_k",
         "temperature 0.8 top_p",
