@@ -17,6 +17,7 @@ Runs are deterministic (derandomized, no example database), so CI sees the same 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from hypothesis import HealthCheck, event, given, settings
@@ -27,6 +28,7 @@ from bot.conversation import ConversationKey, Message
 from bot.llm.chain import LLMChain
 from bot.sampling import (
     KEYS,
+    SPECS,
     Change,
     Forget,
     Log,
@@ -42,6 +44,9 @@ from bot.store import RedisStore, audit_key
 from tests.support.backends import ScriptedLLM
 
 LIMIT = 4096
+# The numeric and boolean keys; `knowledge` and `collection` (words) appear through KEYS in
+# the free-form strategies, and `valid` knows their grammar.
+SAMPLING_KEYS = tuple(SPECS)
 WORDS = ("show", "reset", "log", "forget")
 RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (1, 1000)}
 
@@ -107,6 +112,12 @@ _endings = st.sampled_from(["", " ", "\n", "\x00"])
 
 
 def valid(key: str, value: SettingValue) -> bool:
+    if key == "knowledge":
+        return value in ("off", "prefer", "strict")
+    if key == "collection":
+        return (
+            isinstance(value, str) and re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", value) is not None
+        )
     if key == "do_sample":
         return isinstance(value, bool)
     if isinstance(value, bool):
@@ -160,7 +171,7 @@ def valid_changes(draw: st.DrawFn) -> tuple[str, dict[str, SettingValue]]:
 
 # Built once: building strategies inside a draw is what makes generation slow.
 _change_values = st.dictionaries(
-    st.sampled_from(KEYS),
+    st.sampled_from(SAMPLING_KEYS),
     st.one_of(
         st.floats(min_value=0.01, max_value=1.0),
         st.integers(min_value=1, max_value=1000),
@@ -199,7 +210,7 @@ def one_bad_part(draw: st.DrawFn) -> str:
     """Something that must spoil a whole command: a bad value, an unknown key, a repeated key,
     or a key without a value at the end."""
     kind = draw(st.sampled_from(["value", "unknown", "repeat", "dangling"]))
-    key = draw(st.sampled_from(KEYS))
+    key = draw(st.sampled_from(SAMPLING_KEYS))
     if kind == "value":
         return key + draw(st.sampled_from(["=", " "])) + draw(st.sampled_from(BAD_VALUES[key]))
     if kind == "unknown":
@@ -211,7 +222,7 @@ def one_bad_part(draw: st.DrawFn) -> str:
 
 @settings(max_examples=500, deadline=None, derandomize=True, database=None)
 @given(
-    st.dictionaries(st.sampled_from(KEYS), st.integers(1, 5), min_size=1),
+    st.dictionaries(st.sampled_from(SAMPLING_KEYS), st.integers(1, 5), min_size=1),
     one_bad_part(),
     st.integers(min_value=0, max_value=5),
 )
@@ -289,7 +300,13 @@ async def test_through_the_service_a_change_is_all_or_nothing_and_audited_once(
         expected = parse(text)
         event(type(expected).__name__ + ("" if is_admin else " (not an admin)"))
         changing = isinstance(expected, Change | Reset | Forget)
-        if isinstance(expected, SettingsError) or (changing and not is_admin):
+        # No knowledge base here: no collection exists, so any `collection` change is refused.
+        no_such_collection = isinstance(expected, Change) and "collection" in expected.values
+        if (
+            isinstance(expected, SettingsError)
+            or (changing and not is_admin)
+            or (no_such_collection and is_admin)
+        ):
             assert reply.endswith("Nothing was changed."), (text, reply)
             assert after == before and grown == 0, (text, before, after)
         elif isinstance(expected, Show | Log):
