@@ -99,6 +99,7 @@ class KnowledgeChoice:
         collection = overrides.get("collection", self.collection)
         return KnowledgeChoice(mode if mode in KNOWLEDGE_MODES else self.mode, str(collection))
 
+
 # Below this temperature, sampling is decoded greedily: greedy is the limit of sampling as the
 # temperature goes to 0, and dividing logits by a smaller number can overflow to inf/NaN in the
 # model's float32 (1e-320 is even 0.0 there). `/llm-settings show` says so.
