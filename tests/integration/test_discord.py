@@ -417,10 +417,15 @@ async def test_the_args_option_autocompletes_words_keys_and_values(world: World)
 # -- pieces --------------------------------------------------------------------------------
 
 
-class _Response:
+class _FakeResponse:
     def __init__(self, status: int) -> None:
         self.status = status
         self.reason = "test"
+
+
+def _Response(status: int) -> Any:
+    """What discord.py's HTTP errors read from a response: its status and reason."""
+    return _FakeResponse(status)
 
 
 @pytest.mark.parametrize(
