@@ -14,11 +14,9 @@ import contextlib
 import logging
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Protocol
 
 from bot.conversation import (
     ConversationKey,
@@ -29,39 +27,22 @@ from bot.conversation import (
     TurnLocks,
 )
 from bot.knowledge.cite import NO_DOCUMENTED_ANSWER, Sources, cited_sources
-from bot.knowledge.passages import Hit, Passage
+from bot.knowledge.passages import Passage
 from bot.llm.base import (
     BackendBusy,
     BackendTimeout,
     BackendUnavailable,
-    ChatMessage,
     Delta,
     Finished,
     LLMError,
-    Prompt,
     RateLimited,
     RequestRejected,
-    StreamEvent,
 )
-from bot.llm.chain import BackendStatus, CircuitOpen, NoBackendAvailable
+from bot.llm.chain import CircuitOpen, NoBackendAvailable
 from bot.ops.logging import correlation_id, new_correlation_id
+from bot.ports import Knowledge, Models, Observer, Unobserved
 from bot.prompt import PromptTooLong, build_grounded
-from bot.sampling import (
-    GREEDY_BELOW_TEMPERATURE,
-    SPECS,
-    AuditEntry,
-    Change,
-    ChannelSettings,
-    Forget,
-    Log,
-    Reset,
-    SamplingSettings,
-    SettingsError,
-    SettingValue,
-    Show,
-    format_value,
-    parse_command,
-)
+from bot.settings_command import SettingsCommand
 
 logger = logging.getLogger(__name__)
 
@@ -91,70 +72,6 @@ AnswerEvent = Delta | Finished | Failure | Sources
 # Called once the turn's place in its conversation has come; False: not to be answered (a
 # duplicate delivery, say), and the turn ends without a word.
 Admit = Callable[[], Awaitable[bool]]
-
-
-class Models(Protocol):
-    """What the service needs of the LLM chain (bot.llm.chain.LLMChain); the runtime starts
-    and closes it."""
-
-    async def start(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-    @property
-    def context_window(self) -> int: ...
-
-    def encode(self, messages: Sequence[ChatMessage]) -> Prompt: ...
-
-    def count_each(self, messages: Sequence[ChatMessage]) -> list[int]: ...
-
-    def stream(self, prompt: Prompt, sampling: SamplingSettings) -> AsyncIterator[StreamEvent]: ...
-
-    def status(self) -> list[BackendStatus]: ...
-
-    def answering(self) -> BackendStatus | None: ...
-
-
-class Knowledge(Protocol):
-    """What the service needs of the knowledge base (bot.knowledge.base.KnowledgeBase)."""
-
-    async def search(
-        self, collection: str, question: str, *, limit: int, version: int | None = None
-    ) -> list[Hit]: ...
-
-    async def collections(self) -> list[str]: ...
-
-
-class Observer(Protocol):
-    """Where the service reports what happened (bot.ops.metrics implements it for /metrics)."""
-
-    def question(self, platform: str) -> None: ...
-
-    def answered(
-        self, platform: str, backend: str, total_s: float, first_token_s: float | None,
-        tokens_per_s: float | None,
-    ) -> None: ...  # fmt: skip
-
-    def failed(self, platform: str, reason: str) -> None: ...
-
-    def active(self, change: int) -> None: ...
-
-
-class _Unobserved:
-    def question(self, platform: str) -> None:
-        pass
-
-    def answered(
-        self, platform: str, backend: str, total_s: float, first_token_s: float | None,
-        tokens_per_s: float | None,
-    ) -> None:  # fmt: skip
-        pass
-
-    def failed(self, platform: str, reason: str) -> None:
-        pass
-
-    def active(self, change: int) -> None:
-        pass
 
 
 def new_error_id() -> str:
@@ -199,8 +116,9 @@ class SupportService:
         self.llm = llm
         self.persona = persona
         self.scope = scope
-        self._observer = observer or _Unobserved()
+        self._observer = observer or Unobserved()
         self._locks = TurnLocks()
+        self._settings = SettingsCommand(store, llm, knowledge)
 
     @property
     def active_conversations(self) -> int:
@@ -418,39 +336,9 @@ class SupportService:
     # -- /llm-settings --------------------------------------------------------------------
 
     async def settings(self, key: ConversationKey, user: User, args: str) -> str:
-        store = self.store
+        """The reply to `/llm-settings args` in the channel of `key`."""
         try:
-            command = parse_command(args, max_new_tokens_limit=store.max_new_tokens_limit)
-        except SettingsError as exc:
-            return str(exc)
-        try:
-            if isinstance(command, Show):
-                return self._render_show(await store.channel_settings(key))
-            if isinstance(command, Log):
-                return _render_log(await store.settings_log(key))
-            if not user.can_configure:
-                return (
-                    "Only settings admins can change this channel's settings or forget its "
-                    "history; anyone can use `/llm-settings show`. Nothing was changed."
-                )
-            if isinstance(command, Change):
-                missing = await self._missing_collection(command.values)
-                if missing:
-                    return missing
-                updated = await store.change_settings(key, user.id, command.values)
-                changed = ", ".join(f"{k}={format_value(v)}" for k, v in command.values.items())
-                return f"Updated: {changed}.\n\n" + self._render_show(updated)
-            if isinstance(command, Reset):
-                return "Back to the defaults.\n\n" + self._render_show(
-                    await store.reset_settings(key, user.id)
-                )
-            assert isinstance(command, Forget)
-            removed = await store.forget(key, user.id)
-            return (
-                "Forgot this channel's conversation history."
-                if removed
-                else "There was no history to forget."
-            )
+            return await self._settings.run(key, user.id, user.can_configure, args)
         except StoreError as exc:
             return self._fail(
                 "I couldn't reach the settings store; nothing was changed. Please try again.",
@@ -459,56 +347,6 @@ class SupportService:
                 exc,
                 reason="redis",
             ).message
-
-    async def _missing_collection(self, values: Mapping[str, SettingValue]) -> str | None:
-        """The message when `collection` names no collection of the knowledge base."""
-        name = values.get("collection")
-        if name is None:
-            return None
-        known = await self.knowledge.collections() if self.knowledge is not None else []
-        if name in known:
-            return None
-        have = ", ".join(f"`{c}`" for c in known) if known else "none yet (`supportbot kb add`)"
-        return (
-            f"`collection` must be a collection in the knowledge base; `{name}` has no "
-            f"documents. Collections: {have}. Nothing was changed."
-        )
-
-    def _render_show(self, channel: ChannelSettings) -> str:
-        statuses = self.llm.status()
-        answering = self.llm.answering()
-        lines = ["*LLM settings for this channel*"]
-        for name in SPECS:
-            value = getattr(channel.effective, name)
-            source = "set in this channel" if name in channel.overrides else "default"
-            notes = [
-                f"{s.name} cannot honour it, ignored there"
-                for s in statuses
-                if name in s.unsupported
-            ]
-            if not channel.effective.do_sample and name in ("temperature", "top_k", "top_p"):
-                notes.append("unused while do_sample is false (greedy)")
-            elif name == "temperature" and channel.effective.greedy:
-                # Issue 12: the local engines decode a near-zero temperature greedily (its limit).
-                notes.append(
-                    f"below {GREEDY_BELOW_TEMPERATURE:g}, the local model decodes greedily"
-                )
-            note = f" — {'; '.join(notes)}" if notes else ""
-            lines.append(f"• {name} = {format_value(value)} ({source}){note}")
-        choice = channel.knowledge
-        for name, value in (("knowledge", choice.mode), ("collection", choice.collection)):
-            source = "set in this channel" if name in channel.overrides else "default"
-            lines.append(f"• {name} = {value} ({source})")
-        if self.knowledge is None and choice.mode != "off":
-            lines.append("  (the knowledge base is not available in this process)")
-        lines.append("")
-        if answering is None:
-            lines.append("Answering: no backend is available (see `supportbot doctor`).")
-        else:
-            lines.append(f"Answering: {answering.name}")
-        for s in statuses:
-            lines.append(f"• {s.role}: {s.name} — {s.describe()}")
-        return "\n".join(lines)
 
 
 def _shortened_notice(conversation: ConversationKey, length: int) -> Failure:
@@ -582,23 +420,3 @@ def _no_backend_message(exc: NoBackendAvailable) -> tuple[str, str]:
         "failing, an operator can run `supportbot doctor`.",
         "failed",
     )
-
-
-def _render_log(entries: list[AuditEntry]) -> str:
-    if not entries:
-        return "No settings changes recorded for this channel."
-    lines = ["*Recent settings changes* (newest first)"]
-    for entry in entries:
-        when = datetime.fromtimestamp(entry.at, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
-        if entry.action == "forget":
-            what = "forgot the conversation history"
-        elif not entry.changes:
-            what = f"{entry.action} (no change)"
-        else:
-            what = ", ".join(
-                f"{k}: {old or 'default'} → {new or 'default'}"
-                for k, (old, new) in entry.changes.items()
-            )
-            what = f"reset ({what})" if entry.action == "reset" else what
-        lines.append(f"• {when} — {entry.user}: {what}")
-    return "\n".join(lines)

@@ -59,10 +59,12 @@ def make_service(
     scope: str = "channel",
     persona: str = "You are a test persona.",
     limit: int = 1024,
+    chain: LLMChain | None = None,
 ) -> SupportService:
+    """The service over `primary` then `fallback`, or over `chain` when a test builds its own."""
     return SupportService(
         store=make_store(redis, max_messages=max_messages, ttl_seconds=ttl_seconds, limit=limit),
-        llm=LLMChain(primary, fallback),
+        llm=chain or LLMChain(primary, fallback),
         persona=persona,
         scope=scope,  # type: ignore[arg-type]
     )

@@ -135,8 +135,7 @@ async def test_fallback_when_local_cannot_load(redis):
 )
 async def test_fallback_when_local_raises_or_times_out(redis, broken):
     gpt = ScriptedLLM(label="gpt")
-    svc = make_service(redis, broken, gpt)
-    svc.llm = LLMChain(Backend(broken, stall_timeout_s=0.2), gpt)
+    svc = make_service(redis, None, chain=LLMChain(Backend(broken, stall_timeout_s=0.2), gpt))
     await svc.llm.start()
     events, text = await collect(svc, KEY, "hi")
     assert text == "echo: hi" and events[-1].backend == "test:gpt"
@@ -202,8 +201,8 @@ async def test_circuit_breaker_skips_a_broken_local_model_then_retries_it(redis)
     now = [0.0]
     local = ScriptedLLM(raise_error=BackendFailed("oom"))
     gpt = ScriptedLLM(label="gpt")
-    svc = make_service(redis, local, gpt)
-    svc.llm = LLMChain(local, gpt, breaker_threshold=2, breaker_cooldown_s=30, clock=lambda: now[0])
+    chain = LLMChain(local, gpt, breaker_threshold=2, breaker_cooldown_s=30, clock=lambda: now[0])
+    svc = make_service(redis, None, chain=chain)
     await svc.llm.start()
     for _ in range(5):
         await collect(svc, KEY, "q")
