@@ -18,10 +18,11 @@ from bot.conversation import StoreError
 from bot.llm.base import LLM
 from bot.llm.chain import Backend, LLMChain
 from bot.ops.metrics import PrometheusObserver
+from bot.ops.redis_client import RedisUrlError, connect_redis
 from bot.ops.redis_server import RedisServer
 from bot.sampling import KnowledgeChoice
 from bot.service import SupportService
-from bot.store import RedisStore, RedisUrlError, connect_redis
+from bot.store import RedisStore
 
 if TYPE_CHECKING:
     from bot.knowledge.base import KnowledgeBase

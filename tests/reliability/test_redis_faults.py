@@ -2,8 +2,8 @@
 
 A real redis-server on a fixed port with a data directory and its append-only file (SIGTERM makes
 it flush the file), so what Redis acknowledged survives the restart. The bot's client is the
-one the runtime makes (`bot.store.connect_redis`). Questions are held inside our backend while
-Redis goes away, so that what happens when is decided by the test, not by timing.
+one the runtime makes (`bot.ops.redis_client.connect_redis`). Questions are held inside our
+backend while Redis goes away, so that what happens when is decided by the test, not by timing.
 
 Behaviour checked:
 - after a restart the bot reconnects by itself: no restart of the bot, no question lost to a
@@ -37,10 +37,10 @@ from redis.asyncio import Redis
 from bot.conversation import ConversationKey, Message
 from bot.llm.base import Delta, Finished, Prompt, StreamEvent
 from bot.llm.chain import LLMChain
+from bot.ops.redis_client import connect_redis
 from bot.ops.redis_server import RedisServer, free_port
 from bot.sampling import SamplingSettings
 from bot.service import AnswerEvent, Failure, SupportService, User
-from bot.store import connect_redis
 from tests.conftest import make_service, make_store
 from tests.fixtures.fake_slack import (
     TEAM,
