@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
-from redis.exceptions import AuthenticationError
+from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bot.config import Settings
@@ -41,12 +41,12 @@ class StartupError(Exception):
         self.exit_code = exit_code
 
 
-def redis_startup_error(exc: StoreError | RedisUrlError, url: str) -> StartupError:
+def redis_startup_error(exc: RedisUrlError | RedisError | OSError, url: str) -> StartupError:
     """One line naming REDIS_URL for a Redis that cannot be used: invalid (a bad URL, a wrong
     password, a database index the server does not have) or unreachable. Never the password."""
     if isinstance(exc, RedisUrlError):
         return StartupError(str(exc), exit_code=2)
-    cause = exc.__cause__
+    cause = exc
     text = str(cause).lower()
     parts = urlsplit(url)
     where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
@@ -168,13 +168,33 @@ def build_local(settings: Settings, engine: str | None = None) -> BatchingEngine
 
 
 async def open_redis(settings: Settings) -> tuple[Redis, RedisServer | None]:
-    """A Redis client for REDIS_URL, or for an embedded server started here (then returned,
-    for the caller to stop)."""
-    if settings.redis_url is not None:
-        return connect_redis(settings.redis_url.get_secret_value()), None
-    # Starting redis-server waits for it to answer: not on the event loop.
-    embedded = await asyncio.to_thread(RedisServer(settings.data_dir).start)
-    return connect_redis(embedded.url), embedded
+    """A Redis client for REDIS_URL, or for an embedded server started here (returned for the
+    caller to stop), that has answered a PING. Raises StartupError, one line naming REDIS_URL,
+    when it cannot be used; nothing is left running then."""
+    embedded: RedisServer | None = None
+    if settings.redis_url is None:
+        # Starting redis-server waits for it to answer: not on the event loop.
+        embedded = await asyncio.to_thread(RedisServer(settings.data_dir).start)
+        url = embedded.url
+    else:
+        url = settings.redis_url.get_secret_value()
+    try:
+        redis = connect_redis(url)
+    except RedisUrlError as exc:
+        raise redis_startup_error(exc, url) from None
+    try:
+        try:
+            await redis.ping()
+        except (RedisError, OSError) as exc:
+            raise redis_startup_error(exc, url) from None
+    except BaseException:
+        try:
+            await redis.aclose()
+        finally:
+            if embedded is not None:
+                await asyncio.to_thread(embedded.stop)
+        raise
+    return redis, embedded
 
 
 def build_knowledge(settings: Settings, redis: Redis, *, embed: bool = True) -> KnowledgeBase:
@@ -198,17 +218,7 @@ async def build(
     With `require_backend` (the Slack and Discord services) the bot refuses to start when no
     backend can answer, so it never joins a workspace only to apologise for every question.
     """
-    embedded: RedisServer | None = None
-    if settings.redis_url is None:
-        # Starting redis-server waits for it to answer: not on the event loop.
-        embedded = await asyncio.to_thread(RedisServer(settings.data_dir).start)
-        url = embedded.url
-    else:
-        url = settings.redis_url.get_secret_value()
-    try:
-        redis = connect_redis(url)
-    except RedisUrlError as exc:
-        raise redis_startup_error(exc, url) from None
+    redis, embedded = await open_redis(settings)
     store = RedisStore(
         redis,
         defaults=settings.default_sampling,
@@ -219,10 +229,6 @@ async def build(
     )
     chain = llm
     try:
-        try:
-            await store.ping()
-        except StoreError as exc:
-            raise redis_startup_error(exc, url) from None
         chain = chain or build_backends(settings)
         await chain.start()
         if require_backend and not chain.ready:

@@ -42,7 +42,9 @@ def locked_redis() -> Iterator[int]:
     proc.wait(timeout=10)
 
 
-def run_chat(tmp_path: Path, redis_url: str) -> subprocess.CompletedProcess[str]:
+def run_chat(
+    tmp_path: Path, redis_url: str, command: tuple[str, ...] = ("chat",)
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "OPENAI_", "REDIS"))}
     env.update(
         HOME=str(tmp_path),
@@ -53,7 +55,7 @@ def run_chat(tmp_path: Path, redis_url: str) -> subprocess.CompletedProcess[str]
         REDIS_URL=redis_url,
     )
     return subprocess.run(
-        [sys.executable, "-m", "bot", "chat"],
+        [sys.executable, "-m", "bot", *command],
         input="hello\n",
         capture_output=True,
         text=True,
@@ -97,3 +99,16 @@ def test_the_right_password_and_database_answer(locked_redis: int, tmp_path: Pat
     result = run_chat(tmp_path, f"redis://:{PASSWORD}@127.0.0.1:{locked_redis}/3")
     assert result.returncode == 0, result.stderr
     assert "No model is configured" in result.stdout  # it got as far as answering
+
+
+@pytest.mark.parametrize("case", ["not a URL", "wrong password", "nothing listening"])
+def test_kb_says_the_same_one_line_for_an_unusable_redis_url(
+    case: str, locked_redis: int, tmp_path: Path
+) -> None:
+    template, code, words = CASES[case]
+    url = template.format(port=locked_redis, free=free_port())
+    result = run_chat(tmp_path, url, ("kb", "list"))
+    assert result.returncode == code, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("supportbot: ") and "REDIS_URL" in line and words in line, line
+    assert "Traceback" not in result.stderr
