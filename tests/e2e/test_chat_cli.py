@@ -159,3 +159,17 @@ def test_answers_from_a_local_exaone_directory(env, tiny_exaone_dir, fake_openai
     assert fake_openai.chat_requests == []
     assert f"Answering: local:{tiny_exaone_dir.name}" in rest
     assert not remote_code_marker(tiny_exaone_dir).exists()
+
+
+@pytest.mark.slow
+def test_model_library_logs_use_the_bot_format_and_draw_no_bars(env, tiny_exaone_dir):
+    # transformers logs through a stderr handler of its own and draws a "Loading weights" bar:
+    # with LOG_FORMAT=json every stderr line must still be one of our JSON records.
+    env = {**env, "LLM_MODEL": str(tiny_exaone_dir), "LLM_ENGINE": "simple", "LOG_FORMAT": "json"}
+    result = run_chat("hi\n", env)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines  # the bot logs its start-up
+    for line in lines:
+        record = json.loads(line)  # a bar or a foreign handler's line would not parse
+        assert {"time", "level", "logger", "message"} <= set(record)
