@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from bot.ops.logging import route_library_logs
+
 logger = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]
@@ -47,6 +49,8 @@ class Embedder:
         with self._lock:  # one load even when the first two questions race
             if self._model is None:
                 from sentence_transformers import SentenceTransformer
+
+                route_library_logs()  # its transformers would log and draw bars of its own
 
                 try:
                     # device=None: sentence-transformers takes CUDA when it is available.

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from bot.llm.base import BackendUnavailable, ChatMessage, Prompt
 from bot.llm.exaone import load_model_and_tokenizer, resolve_model_dir
 from bot.ops import metrics
+from bot.ops.logging import route_library_logs
 
 if TYPE_CHECKING:
     import torch
@@ -105,19 +106,6 @@ class Loader(Protocol):
     def load(self) -> LoadedModel: ...
 
 
-def route_library_logs() -> None:
-    """transformers gives its loggers a stderr handler of its own, stops them propagating and
-    draws progress bars ("Loading weights"): its lines would skip LOG_FORMAT, the redaction filter
-    and the correlation id, and bars would mix into the terminal. Its records go through the
-    bot's handler instead, and its bars are off (a download's progress is logged by bot.llm.hub).
-    """
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_default_handler()
-    transformers_logging.enable_propagation()
-    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-
-
 def model_tail(model: str) -> str:
     """The model's own name, from a Hub id ("org/name") or a directory ("/models/name/", ".")."""
     path = Path(model).expanduser()
@@ -149,7 +137,7 @@ class ModelLoader:
         return "local:" + model_tail(self.model)
 
     def load(self) -> LoadedModel:
-        route_library_logs()
+        route_library_logs()  # before transformers logs or draws anything
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, device)
         model_dir = resolve_model_dir(self.model, include_code=self.trust_remote_code)

@@ -86,3 +86,16 @@ def setup_logging(
     logging.captureWarnings(True)  # warnings go through the handler, and so through redaction
     for noisy in ("httpx", "httpcore", "httpx2", "openai", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def route_library_logs() -> None:
+    """transformers gives its loggers a stderr handler of its own, stops them propagating and
+    draws progress bars ("Loading weights"): its lines would skip LOG_FORMAT, the redaction filter
+    and the correlation id, and bars would mix into the terminal. Its records go through the
+    bot's handler instead, and its bars are off (a download's progress is logged by bot.llm.hub).
+    """
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]

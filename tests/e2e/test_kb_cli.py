@@ -4,6 +4,7 @@ openai client against the fake OpenAI server."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,15 @@ def test_kb_rejects_a_bad_collection_name_and_an_unloadable_model(env, tmp_path)
     assert failed.returncode == 1
     assert "cannot load KB_EMBED_MODEL" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_the_embedding_model_logs_in_the_bot_format_and_draws_no_bars(env, tmp_path):
+    # sentence-transformers loads through transformers, which would log through a handler of its
+    # own and draw a "Loading weights" bar into the bot's stderr.
+    assert run(env, "kb", "add", str(write_docs(tmp_path / "docs"))).returncode == 0
+    chat = run({**env, "LOG_FORMAT": "json"}, "chat", stdin="How do I return an item?\n")
+    assert chat.returncode == 0, chat.stderr
+    lines = [line for line in chat.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert any("embedding model" in json.loads(line)["message"] for line in lines)
+    for line in lines:
+        assert {"time", "level", "logger", "message"} <= set(json.loads(line)), line
