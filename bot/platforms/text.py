@@ -101,7 +101,10 @@ def _cut_code(block: _Block, limit: int) -> list[str]:
     current = ""
     for line in lines:
         line = line if line.endswith("\n") else line + "\n"
-        for piece in _cut_text(line, room) if len(line) > room else [line]:
+        # A line longer than a part is cut hard; each piece ends its own line, so the closing
+        # fence after it stays on a line of its own.
+        pieces = [p if p.endswith("\n") else p + "\n" for p in _cut_text(line, room - 1)]
+        for piece in pieces if len(line) > room else [line]:
             if current and len(current) + len(piece) > room:
                 parts.append(opener + current + closer)
                 current = ""

@@ -111,3 +111,13 @@ def test_property_within_limit_balanced_and_nothing_lost(parts, limit):
     assert all(len(m) <= limit for m in messages)
     assert all(fences_balanced(m) for m in messages)
     assert content(joined(messages)) == content(text)
+
+
+def test_a_code_line_longer_than_a_message_keeps_every_closing_fence_on_its_own_line():
+    # Found by the property test above: the hard-cut piece had no newline, so the closing fence
+    # was glued to it and the message's fences no longer balanced.
+    text = "```\n" + ";" * 54 + "\n```"
+    messages = split_message(text, 60)
+    assert len(messages) > 1
+    assert all(len(m) <= 60 and fences_balanced(m) for m in messages)
+    assert content(joined(messages)) == content(text)
