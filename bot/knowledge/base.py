@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from bot.conversation import StoreError
 from bot.knowledge import ingest
-from bot.knowledge.embed import Embedder, Vectors
+from bot.knowledge.embed import Embedder, Vectors, is_e5
 from bot.knowledge.index import CollectionIndex, terms
 from bot.knowledge.passages import Hit, Passage, split_markdown, word_count
 from bot.knowledge.store import KnowledgeStore, SourceInfo
@@ -33,7 +33,7 @@ _COLLECTION_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 
 def default_min_similarity(model: str | None) -> float:
-    return E5_MIN_SIMILARITY if model and "e5" in model.lower() else DEFAULT_MIN_SIMILARITY
+    return E5_MIN_SIMILARITY if model and is_e5(model) else DEFAULT_MIN_SIMILARITY
 
 
 def check_collection(name: str) -> str:

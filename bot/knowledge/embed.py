@@ -10,8 +10,10 @@ event loop.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,13 @@ class EmbedError(Exception):
     """The embedding model could not be loaded; str() says which and why."""
 
 
+def is_e5(model: str) -> bool:
+    """Whether KB_EMBED_MODEL names an e5 model, by its own name (the hub id's or the directory's
+    last part: `multilingual-e5-small`), not by "e5" anywhere in a path."""
+    tail = Path(model.rstrip("/")).name.lower()
+    return re.search(r"(?:^|[^a-z0-9])e5(?:[^a-z0-9]|$)", tail) is not None
+
+
 class Embedder:
     def __init__(self, name: str, *, device: str | None = None) -> None:
         self.name = name
@@ -41,7 +50,7 @@ class Embedder:
         # The fast tokenizer is not safe to share between threads (concurrent calls fail with
         # mismatched padding), and ingests and questions run in threads: one use at a time.
         self._busy = threading.Lock()
-        e5 = "e5" in name.lower()
+        e5 = is_e5(name)
         self._query = "query: " if e5 else ""
         self._passage = "passage: " if e5 else ""
 

