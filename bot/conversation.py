@@ -99,6 +99,20 @@ class Turn:
     kb_versions: Mapping[str, int] = field(default_factory=dict)
 
 
+Vote = Literal["up", "down"]
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerRecord:
+    """A delivered answer, kept so that votes (and the report) can refer to it by `answer_id`."""
+
+    answer_id: str
+    question: str
+    backend: str
+    asker: str
+    at: float  # unix time
+
+
 class StoreError(Exception):
     """The store could not be reached or refused a command; the message is for logs."""
 
@@ -120,7 +134,22 @@ class Store(Protocol):
         (so a failed answer never loses the question)."""
         ...
 
-    async def finish_turn(self, key: ConversationKey, answer: Message) -> None: ...
+    async def finish_turn(
+        self, key: ConversationKey, answer: Message, record: AnswerRecord | None = None
+    ) -> None:
+        """Store the answer (and its record, for votes) in one round trip."""
+        ...
+
+    async def vote(
+        self, key: ConversationKey, answer_id: str, user: str, vote: Vote, at: float
+    ) -> bool:
+        """Record `user`'s vote on an answer of the channel of `key` (a later vote replaces it).
+        False, and nothing changed, when that answer is no longer stored."""
+        ...
+
+    async def votes(self, key: ConversationKey, answer_id: str) -> dict[str, Vote]:
+        """Each user's latest vote on an answer (operators, tests)."""
+        ...
 
     async def history(self, key: ConversationKey) -> list[Message]:
         """The stored history of a conversation (operators, tests)."""

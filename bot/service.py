@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -19,12 +20,14 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from bot.conversation import (
+    AnswerRecord,
     ConversationKey,
     HistoryScope,
     Message,
     Store,
     StoreError,
     TurnLocks,
+    Vote,
 )
 from bot.knowledge.cite import NO_DOCUMENTED_ANSWER, Sources, cited_sources
 from bot.knowledge.passages import Passage
@@ -68,7 +71,20 @@ class Failure:
     reason: str = "notice"
 
 
-AnswerEvent = Delta | Finished | Failure | Sources
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """Just before Finished: the stored answer's id, which the platforms attach to its 👍/👎
+    controls."""
+
+    answer_id: str
+
+
+AnswerEvent = Delta | Finished | Failure | Sources | Answered
+VOTE_THANKS = "Thanks for your feedback! It helps us improve these answers."
+VOTE_GONE = (
+    "That answer is no longer on record (answers are kept for a limited time), "
+    "so your vote was not counted. Nothing was changed."
+)
 # Called once the turn's place in its conversation has come; False: not to be answered (a
 # duplicate delivery, say), and the turn ends without a word.
 Admit = Callable[[], Awaitable[bool]]
@@ -146,7 +162,7 @@ class SupportService:
                 yield _shortened_notice(conversation, len(full))
             self._observer.active(+1)
             try:
-                async for event in self._turn(conversation, question):
+                async for event in self._turn(conversation, question, user):
                     if isinstance(event, Failure) and event.error_id:
                         self._observer.failed(key.platform, event.reason)
                     yield event
@@ -154,7 +170,7 @@ class SupportService:
                 self._observer.active(-1)
 
     async def _turn(
-        self, conversation: ConversationKey, question: str
+        self, conversation: ConversationKey, question: str, user: User
     ) -> AsyncIterator[AnswerEvent]:
         started = time.monotonic()
         asked = Message("user", question)
@@ -225,10 +241,16 @@ class SupportService:
                         parts.append(event.text)
                         yield event
                     else:
-                        done = await self._finish(conversation, "".join(parts), event, started)
-                        sources = cited_sources("".join(parts), grounded.passages)
-                        if isinstance(done, Finished) and sources is not None:
-                            yield sources
+                        record = AnswerRecord(
+                            secrets.token_hex(8), question, event.backend, user.id, time.time()
+                        )
+                        text = "".join(parts)
+                        done = await self._finish(conversation, text, event, started, record)
+                        sources = cited_sources(text, grounded.passages)
+                        if isinstance(done, Finished):  # Finished stays the last event
+                            yield Answered(record.answer_id)
+                            if sources is not None:
+                                yield sources
                         yield done
                         return
         except NoBackendAvailable as exc:
@@ -283,7 +305,12 @@ class SupportService:
         return [hit.passage for hit in hits]
 
     async def _finish(
-        self, conversation: ConversationKey, text: str, done: Finished, started: float
+        self,
+        conversation: ConversationKey,
+        text: str,
+        done: Finished,
+        started: float,
+        record: AnswerRecord,
     ) -> Finished | Failure:
         answer = text.strip()
         if not answer:
@@ -294,7 +321,7 @@ class SupportService:
                 conversation.describe(),
                 reason="empty",
             )
-        await self.store.finish_turn(conversation, Message("assistant", answer))
+        await self.store.finish_turn(conversation, Message("assistant", answer), record)
         rate = None
         if done.first_token_s is not None:
             decoding_s = done.total_s - done.first_token_s
@@ -332,6 +359,26 @@ class SupportService:
         error_id = new_error_id()
         logger.error("[error_id=%s] " + log, error_id, *args)
         return Failure(f"{message} (error id: {error_id})", error_id, reason)
+
+    # -- feedback ---------------------------------------------------------------------------
+
+    async def feedback(self, key: ConversationKey, answer_id: str, user: User, vote: Vote) -> str:
+        """Record a 👍/👎 on an answer of the channel of `key`; the reply is for the voter only."""
+        try:
+            stored = await self.store.vote(key, answer_id, user.id, vote, time.time())
+        except StoreError as exc:
+            return self._fail(
+                "I couldn't reach my store, so your vote was not recorded. Please try again.",
+                "store error recording a vote in %s: %s",
+                key.describe(),
+                exc,
+                reason="redis",
+            ).message
+        if not stored:
+            logger.info("vote on unknown answer %s in %s", answer_id, key.describe())
+            return VOTE_GONE
+        logger.info("%s vote on answer %s in %s", vote, answer_id, key.describe())
+        return VOTE_THANKS
 
     # -- /llm-settings --------------------------------------------------------------------
 

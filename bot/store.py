@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from bot.conversation import ConversationKey, Message, StoreError, Turn
+from bot.conversation import AnswerRecord, ConversationKey, Message, StoreError, Turn, Vote
 from bot.sampling import (
     KEYS,
     AuditEntry,
@@ -105,6 +105,14 @@ def answered_key(key: ConversationKey) -> str:
     return f"sb:{key.channel_tag}:answered:{key.thread}"
 
 
+def answer_key(key: ConversationKey, answer_id: str) -> str:
+    return f"sb:{key.channel_tag}:answer:{answer_id}"
+
+
+def votes_key(key: ConversationKey, answer_id: str) -> str:
+    return f"sb:{key.channel_tag}:answer:{answer_id}:votes"
+
+
 def _instance_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -122,6 +130,7 @@ class RedisStore:
         lease_s: float = DEFAULT_LEASE_S,
         owner: str | None = None,
         knowledge_defaults: KnowledgeChoice | None = None,
+        answer_ttl_s: int = 30 * 24 * 3600,
     ) -> None:
         self.redis = redis
         self._defaults = defaults
@@ -130,6 +139,7 @@ class RedisStore:
         self.max_messages = max_messages
         self.ttl_seconds = ttl_seconds
         self.claim_ttl_s = claim_ttl_s
+        self.answer_ttl_s = answer_ttl_s  # how long votes can still be given (and counted)
         self.lease_s = lease_s
         # Stored as a claim's value, so an operator can see which replica took an event.
         self.owner = owner or _instance_name()
@@ -166,10 +176,36 @@ class RedisStore:
         return Turn(self._settings(results[0]), history[:-1], versions)
 
     @_store_errors
-    async def finish_turn(self, key: ConversationKey, answer: Message) -> None:
+    async def finish_turn(
+        self, key: ConversationKey, answer: Message, record: AnswerRecord | None = None
+    ) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             self._queue_push(pipe, key, [answer])
+            if record is not None:  # same slot (the channel's tag): one round trip still
+                name = answer_key(key, record.answer_id)
+                pipe.hset(name, mapping={
+                    "question": record.question, "backend": record.backend,
+                    "asker": record.asker, "at": f"{record.at:.3f}",
+                    "thread": key.thread or "",
+                })  # fmt: skip
+                pipe.expire(name, self.answer_ttl_s)
             await pipe.execute()
+
+    @_store_errors
+    async def vote(
+        self, key: ConversationKey, answer_id: str, user: str, vote: Vote, at: float
+    ) -> bool:
+        keys = [answer_key(key, answer_id), votes_key(key, answer_id)]
+        stored = await self.redis.eval(_VOTE, 2, *keys, user, f"{vote}:{at:.3f}")
+        return bool(stored)
+
+    @_store_errors
+    async def votes(self, key: ConversationKey, answer_id: str) -> dict[str, Vote]:
+        raw = await self.redis.hgetall(votes_key(key, answer_id))
+        return {
+            _text(user) or "": "up" if (_text(value) or "").startswith("up:") else "down"
+            for user, value in raw.items()
+        }
 
     @_store_errors
     async def withdraw(self, key: ConversationKey, question: Message) -> None:
@@ -417,6 +453,16 @@ for _, key in ipairs(KEYS) do
   end
 end
 return held
+"""
+# A vote counts only while its answer is stored; the votes live as long as the answer.
+_VOTE = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 1
 """
 _COMPLETE = """
 for i, key in ipairs(KEYS) do

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, cast
 
 import discord
 from discord import app_commands
@@ -20,6 +20,7 @@ from bot.config import ConfigError, Settings
 from bot.conversation import ConversationKey
 from bot.ops.health import Readiness
 from bot.platforms.discord.command import may_configure, settings_command
+from bot.platforms.discord.feedback import parse
 from bot.platforms.discord.sink import MESSAGE_LIMIT, ChannelPacer, DiscordSink
 from bot.platforms.frontdoor import FrontDoor, error_reply
 from bot.platforms.text import split_message
@@ -172,6 +173,30 @@ class SupportBot(discord.Client):
         await self.door.answer(
             key, user, self.question(message), sink, admit=admit, interval_s=self._edit_interval
         )
+
+    # -- 👍/👎 ------------------------------------------------------------------------------
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """A vote button pressed (on any answer, also one sent before a restart)."""
+        if interaction.type is not discord.InteractionType.component:
+            return
+        data = cast("dict[str, Any]", interaction.data or {})
+        vote = parse(str(data.get("custom_id") or ""))
+        if vote is None or interaction.channel_id is None:
+            return
+        key = conversation_key(interaction.channel_id, interaction.guild_id)
+        try:
+            text = await self.service.feedback(
+                key, vote[1], User(id=interaction.user.mention), vote[0]
+            )
+        except Exception as exc:
+            text = error_reply(
+                "Sorry, your vote could not be recorded. Please try again.",
+                "vote in %s failed",
+                key.describe(),
+                exc=exc,
+            )
+        await interaction.response.send_message(text, ephemeral=True)
 
     # -- /llm-settings ---------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.conversation import ConversationKey, StoreError
 from bot.platforms.frontdoor import FrontDoor, error_reply, first_delivery
+from bot.platforms.slack.feedback import Feedback
 from bot.platforms.slack.mrkdwn import escape
 from bot.platforms.slack.sink import SLACK_TEXT_LIMIT, UPDATE_INTERVAL_S, Features, Place, SlackSink
 from bot.sampling import COMMAND
@@ -98,6 +99,7 @@ class SlackBot:
         app.event("app_mention")(self._on_app_mention)
         app.event("message")(self._on_message)
         app.command(COMMAND)(self._on_settings)
+        Feedback(self.service, PLATFORM).register(app)
 
     # --- listeners (run after bolt has acknowledged; nothing awaited before an answer starts) --
 

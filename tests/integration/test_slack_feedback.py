@@ -1,0 +1,104 @@
+"""👍/👎 in Slack: the buttons on the final answer, signed `block_actions` through bolt, the vote
+stored with the answer (a user's latest vote counts), an ephemeral thank-you and never a channel
+message; a vote for an answer that is no longer stored changes nothing and says so."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from bot.conversation import ConversationKey
+from bot.platforms.slack.feedback import VOTE_DOWN, VOTE_UP
+from bot.service import VOTE_GONE, VOTE_THANKS
+from bot.store import answer_key, votes_key
+from tests.fixtures.fake_openai import FakeOpenAI
+from tests.fixtures.fake_slack import FakeSlack, mention, running_slack_app, slack_settings
+
+pytestmark = pytest.mark.usefixtures("redis")
+
+THREAD = "1700.000100"
+CHANNEL = ConversationKey("slack", "T0TEST", "C0GENERAL")
+
+
+@pytest.fixture
+def settings(fake_slack: FakeSlack, fake_openai: FakeOpenAI, redis_server):
+    return slack_settings(fake_slack, redis_url=redis_server.url, openai_url=fake_openai.base_url)
+
+
+def controls_of(fake_slack: FakeSlack) -> tuple[str, list[dict[str, Any]]]:
+    """The final answer's text and the buttons on it."""
+    (answer,) = fake_slack.thread("C0GENERAL", THREAD)
+    actions = [b for b in answer.blocks if b["type"] == "actions"]
+    assert len(actions) == 1, answer.blocks
+    return answer.text, actions[0]["elements"]
+
+
+async def vote(app, fake_slack: FakeSlack, action_id: str, answer_id: str, user="U0ALICE"):
+    seen = len(fake_slack.responses)
+    began = time.monotonic()
+    status, body = await app.press(
+        action_id, answer_id, response_url=fake_slack.response_url("vote"), user=user
+    )
+    assert (status, body) == (200, "")
+    assert time.monotonic() - began < 3  # acknowledged within Slack's 3 s
+    await fake_slack.wait_until(lambda: len(fake_slack.responses) > seen)
+    reply = fake_slack.responses[seen]
+    assert reply["response_type"] == "ephemeral"
+    assert reply.get("replace_original") is False  # the answer stays as it was
+    return reply["text"]
+
+
+@pytest.mark.parametrize("streaming", [True, "not_allowed"], ids=["stream", "update"])
+async def test_votes_are_stored_with_the_answer_and_the_latest_counts(
+    settings, fake_slack, fake_openai, redis, streaming
+):
+    fake_slack.streaming = streaming
+    fake_openai.answer(chunks=["The answer ", "is 42."])
+    async with running_slack_app(settings) as app:
+        await app.send_event(mention("<@U0BOT> what is it?", ts=THREAD))
+        await app.settle(1)
+        text, buttons = controls_of(fake_slack)
+        assert text.startswith("The answer is 42.")
+        assert [b["action_id"] for b in buttons] == [VOTE_UP, VOTE_DOWN]
+        answer_id = buttons[0]["value"]
+        assert buttons[1]["value"] == answer_id
+        record = await redis.hgetall(answer_key(CHANNEL, answer_id))
+        assert record[b"question"] == b"what is it?"
+        assert record[b"asker"] == b"U0ALICE"
+        assert record[b"backend"].startswith(b"openai:")
+
+        posted = len(fake_slack.calls_to("chat.postMessage", "chat.postEphemeral"))
+        assert await vote(app, fake_slack, VOTE_UP, answer_id) == VOTE_THANKS
+        assert await vote(app, fake_slack, VOTE_DOWN, answer_id, user="U0BOB") == VOTE_THANKS
+        assert await vote(app, fake_slack, VOTE_DOWN, answer_id) == VOTE_THANKS  # changed
+        store = app.runtime.service.store
+        assert await store.votes(CHANNEL, answer_id) == {"U0ALICE": "down", "U0BOB": "down"}
+        # Votes post nothing into the channel.
+        assert len(fake_slack.calls_to("chat.postMessage", "chat.postEphemeral")) == posted
+        assert await redis.ttl(votes_key(CHANNEL, answer_id)) > 0  # bounded like the answer
+
+
+async def test_a_vote_for_an_answer_no_longer_stored_changes_nothing(
+    settings, fake_slack, fake_openai, redis
+):
+    fake_openai.answer(chunks=["Sure."])
+    async with running_slack_app(settings) as app:
+        await app.send_event(mention("<@U0BOT> hi", ts=THREAD))
+        await app.settle(1)
+        _, buttons = controls_of(fake_slack)
+        answer_id = buttons[0]["value"]
+        await redis.delete(answer_key(CHANNEL, answer_id))  # expired
+        before = sorted(await redis.keys("*"))
+        assert await vote(app, fake_slack, VOTE_UP, answer_id) == VOTE_GONE
+        assert await vote(app, fake_slack, VOTE_UP, "0123456789abcdef") == VOTE_GONE
+        assert sorted(await redis.keys("*")) == before
+
+
+async def test_a_failed_answer_has_no_vote_buttons(settings, fake_slack, fake_openai):
+    fake_openai.fail(status=400, times=5)
+    async with running_slack_app(settings) as app:
+        await app.send_event(mention("<@U0BOT> hi", ts=THREAD))
+        await app.settle(1)
+    assert all(not m.blocks for m in fake_slack.thread("C0GENERAL", THREAD))
