@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     history_max_messages: int = Field(default=40, ge=2, le=1000)
     history_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     history_scope: Literal["channel", "thread"] = "channel"
+    # extension: days answers, votes and question counts are kept for `supportbot report`
+    report_retention_days: int = Field(default=30, ge=1, le=3650)
 
     # Slack
     slack_bot_token: SecretStr | None = None

@@ -111,6 +111,8 @@ class AnswerRecord:
     backend: str
     asker: str
     at: float  # unix time
+    first_token_s: float | None = None
+    no_passage: bool = False  # knowledge was on and no passage was relevant
 
 
 class StoreError(Exception):

@@ -197,9 +197,13 @@ class SupportService:
         if choice.mode == "strict" and not passages:
             # No relevant passage: the model is not asked (it would guess).
             yield Failure(NO_DOCUMENTED_ANSWER, reason="no_passage")
+            # Recorded (no backend) for the report's "without a passage" and its question list.
+            record = AnswerRecord(
+                secrets.token_hex(8), question, "", user.id, time.time(), no_passage=True
+            )
             with contextlib.suppress(StoreError):
                 await self.store.finish_turn(
-                    conversation, Message("assistant", NO_DOCUMENTED_ANSWER)
+                    conversation, Message("assistant", NO_DOCUMENTED_ANSWER), record
                 )
             return
         try:
@@ -242,8 +246,9 @@ class SupportService:
                         yield event
                     else:
                         record = AnswerRecord(
-                            secrets.token_hex(8), question, event.backend, user.id, time.time()
-                        )
+                            secrets.token_hex(8), question, event.backend, user.id, time.time(),
+                            event.first_token_s, no_passage=choice.mode != "off" and not passages,
+                        )  # fmt: skip
                         text = "".join(parts)
                         done = await self._finish(conversation, text, event, started, record)
                         sources = cited_sources(text, grounded.passages)

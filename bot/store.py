@@ -32,6 +32,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from bot.conversation import AnswerRecord, ConversationKey, Message, StoreError, Turn, Vote
+from bot.reporting import AnswerRow, Where
 from bot.sampling import (
     KEYS,
     AuditEntry,
@@ -113,6 +114,11 @@ def votes_key(key: ConversationKey, answer_id: str) -> str:
     return f"sb:{key.channel_tag}:answer:{answer_id}:votes"
 
 
+def questions_key(key: ConversationKey, hour: int) -> str:
+    """The channel's question count in one hour (`supportbot report`)."""
+    return f"sb:{key.channel_tag}:questions:{hour}"
+
+
 def _instance_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -170,7 +176,12 @@ class RedisStore:
             # The knowledge base's versions ride along, so a process notices new documents
             # without another round trip (bot.knowledge.store).
             pipe.hgetall(KB_VERSIONS_KEY)
+            # For `supportbot report`, in the same round trip (and slot: the channel's tag).
+            counter = questions_key(key, int(time.time() // 3600))
+            pipe.hincrby(counter, "questions", 1)
+            pipe.expire(counter, self.answer_ttl_s)
             results = await pipe.execute()
+        results = results[:-2]
         history = [Message.decode(item) for item in results[-2]]
         versions = {_text(k) or "": int(v) for k, v in results[-1].items()}
         return Turn(self._settings(results[0]), history[:-1], versions)
@@ -186,7 +197,9 @@ class RedisStore:
                 pipe.hset(name, mapping={
                     "question": record.question, "backend": record.backend,
                     "asker": record.asker, "at": f"{record.at:.3f}",
-                    "thread": key.thread or "",
+                    "thread": key.thread or "", "no_passage": int(record.no_passage),
+                    "first_token_s": "" if record.first_token_s is None
+                    else f"{record.first_token_s:.4f}",
                 })  # fmt: skip
                 pipe.expire(name, self.answer_ttl_s)
             await pipe.execute()
@@ -198,6 +211,46 @@ class RedisStore:
         keys = [answer_key(key, answer_id), votes_key(key, answer_id)]
         stored = await self.redis.eval(_VOTE, 2, *keys, user, f"{vote}:{at:.3f}")
         return bool(stored)
+
+    @_store_errors
+    async def report_data(self, since: float) -> tuple[dict[Where, int], list[AnswerRow]]:
+        """Question counts (by the hour, from the hour of `since`) and the answers since then,
+        with their votes, of every channel. An operator's command: it scans the key space."""
+        questions: dict[Where, int] = {}
+        first_hour = int(since // 3600)
+        counters = [k async for k in self.redis.scan_iter(match="sb:{*}:questions:*", count=1000)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in counters:
+                pipe.hget(name, "questions")
+            counts = await pipe.execute()
+        for name, count in zip(counters, counts, strict=True):
+            where, hour = _where(name), int((_text(name) or "").rsplit(":", 1)[1])
+            if hour >= first_hour and count is not None:
+                questions[where] = questions.get(where, 0) + int(count)
+        names = [
+            k
+            async for k in self.redis.scan_iter(match="sb:{*}:answer:*", count=1000)
+            if not (_text(k) or "").endswith(":votes")
+        ]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(name)
+                pipe.hvals(f"{_text(name)}:votes")
+            raw = await pipe.execute()
+        rows = []
+        for name, record, votes in zip(names, raw[::2], raw[1::2], strict=True):
+            fields = {_text(k): _text(v) or "" for k, v in record.items()}
+            if not fields or float(fields.get("at") or 0) < since:
+                continue
+            cast_votes = [(_text(v) or "").split(":", 1)[0] for v in votes]
+            first = fields.get("first_token_s") or ""
+            rows.append(AnswerRow(
+                _where(name), fields.get("question", ""), fields.get("backend", ""),
+                float(fields["at"]), float(first) if first else None,
+                fields.get("no_passage") == "1", fields.get("handoff") == "1",
+                cast_votes.count("up"), cast_votes.count("down"),
+            ))  # fmt: skip
+        return questions, rows
 
     @_store_errors
     async def votes(self, key: ConversationKey, answer_id: str) -> dict[str, Vote]:
@@ -476,6 +529,13 @@ for i, key in ipairs(KEYS) do
 end
 return 0
 """
+
+
+def _where(name: bytes | str) -> Where:
+    """(platform, workspace, channel) from a key's hash tag."""
+    tag = (_text(name) or "").split("{", 1)[1].split("}", 1)[0]
+    platform, workspace, channel = tag.split(":", 2)
+    return platform, workspace, channel
 
 
 def _shown(value: SettingValue | None) -> str | None:
