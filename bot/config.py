@@ -95,10 +95,12 @@ class Settings(BaseSettings):
     slack_app_token: SecretStr | None = None
     slack_api_url: str = "https://slack.com/api/"
     slack_settings_admins: str | None = None  # comma/space separated user ids
+    slack_handoff_to: str | None = None  # user ids (U…) and/or user-group ids (S…), comma separated
 
     # Discord
     discord_token: SecretStr | None = None
     discord_settings_role: str | None = None
+    discord_handoff_role: str | None = None  # the role (id) mentioned by a hand-off
     discord_guild_id: int | None = None
     discord_shard_count: int | None = Field(default=None, ge=1)
     discord_shard_ids: str | None = None  # comma separated
@@ -218,6 +220,11 @@ class Settings(BaseSettings):
                 if password:
                     secrets += [password, unquote(password)]
         return [s for s in secrets if s]
+
+    @property
+    def slack_handoff_ids(self) -> tuple[str, ...]:
+        raw = self.slack_handoff_to or ""
+        return tuple(part for part in re.split(r"[\s,]+", raw) if part)
 
     @property
     def slack_admin_ids(self) -> frozenset[str]:

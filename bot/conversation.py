@@ -97,6 +97,7 @@ class Turn:
     history: list[Message]
     # collection -> version of the knowledge base, read in the same round trip
     kb_versions: Mapping[str, int] = field(default_factory=dict)
+    handed_off: bool = False  # a human has this thread: the question is withdrawn, not answered
 
 
 Vote = Literal["up", "down"]
@@ -131,9 +132,23 @@ class Store(Protocol):
     @property
     def max_new_tokens_limit(self) -> int: ...
 
-    async def start_turn(self, key: ConversationKey, question: Message) -> Turn:
+    async def start_turn(
+        self, key: ConversationKey, question: Message, thread: str | None = None
+    ) -> Turn:
         """Store the question and read the settings and the history before it: one round trip
-        (so a failed answer never loses the question)."""
+        (so a failed answer never loses the question). With `thread`, whether that thread is
+        handed off to a human rides along."""
+        ...
+
+    async def open_handoff(
+        self, key: ConversationKey, answer_id: str, thread: str
+    ) -> AnswerRecord | None:
+        """Hand `thread` of the channel of `key` to a human, from an answer; the answer's record
+        (marked as handed off), or None, and nothing changed, when it is no longer stored."""
+        ...
+
+    async def close_handoff(self, key: ConversationKey, thread: str) -> bool:
+        """The human is done ("Resolved"): the bot answers there again. False if not open."""
         ...
 
     async def finish_turn(

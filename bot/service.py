@@ -29,6 +29,7 @@ from bot.conversation import (
     TurnLocks,
     Vote,
 )
+from bot.handoff import HANDED_OFF_NOTE, Handoff, summarise
 from bot.knowledge.cite import NO_DOCUMENTED_ANSWER, Sources, cited_sources
 from bot.knowledge.passages import Passage
 from bot.llm.base import (
@@ -162,7 +163,7 @@ class SupportService:
                 yield _shortened_notice(conversation, len(full))
             self._observer.active(+1)
             try:
-                async for event in self._turn(conversation, question, user):
+                async for event in self._turn(conversation, question, user, key.thread):
                     if isinstance(event, Failure) and event.error_id:
                         self._observer.failed(key.platform, event.reason)
                     yield event
@@ -170,12 +171,12 @@ class SupportService:
                 self._observer.active(-1)
 
     async def _turn(
-        self, conversation: ConversationKey, question: str, user: User
+        self, conversation: ConversationKey, question: str, user: User, thread: str | None
     ) -> AsyncIterator[AnswerEvent]:
         started = time.monotonic()
         asked = Message("user", question)
         try:
-            turn = await self.store.start_turn(conversation, asked)
+            turn = await self.store.start_turn(conversation, asked, thread)
         except StoreError as exc:
             yield self._fail(
                 "I couldn't reach my conversation store, so I didn't answer. "
@@ -187,6 +188,9 @@ class SupportService:
             )
             return
 
+        if turn.handed_off:
+            yield Failure(HANDED_OFF_NOTE, reason="handed_off")
+            return
         sampling = turn.settings.effective
         choice = turn.settings.knowledge
         passages = []
@@ -196,15 +200,19 @@ class SupportService:
             )
         if choice.mode == "strict" and not passages:
             # No relevant passage: the model is not asked (it would guess).
-            yield Failure(NO_DOCUMENTED_ANSWER, reason="no_passage")
-            # Recorded (no backend) for the report's "without a passage" and its question list.
+            # Recorded (no backend) for the report's "without a passage" and its question list;
+            # its id gives the reply the same controls ("Ask a human" among them).
             record = AnswerRecord(
                 secrets.token_hex(8), question, "", user.id, time.time(), no_passage=True
             )
-            with contextlib.suppress(StoreError):
+            try:
                 await self.store.finish_turn(
                     conversation, Message("assistant", NO_DOCUMENTED_ANSWER), record
                 )
+                yield Answered(record.answer_id)
+            except StoreError:
+                pass
+            yield Failure(NO_DOCUMENTED_ANSWER, reason="no_passage")
             return
         try:
             grounded = await asyncio.to_thread(
@@ -384,6 +392,29 @@ class SupportService:
             return VOTE_GONE
         logger.info("%s vote on answer %s in %s", vote, answer_id, key.describe())
         return VOTE_THANKS
+
+    # -- hand-off to a human ----------------------------------------------------------------
+
+    async def handoff(self, key: ConversationKey, answer_id: str) -> Handoff | None:
+        """Hand the thread of `key` to a human, from one of its answers: the bot stays out of it
+        until `resolve()`. None, and nothing changed, when that answer is no longer stored.
+        Raises StoreError."""
+        assert key.thread is not None
+        record = await self.store.open_handoff(key, answer_id, key.thread)
+        if record is None:
+            return None
+        logger.info("thread %s handed off to a human", key.describe())
+        conversation = key.scoped(self.scope)
+        history = await self.store.history(conversation)
+        summary = await summarise(self.llm, history, self.store.defaults)
+        return Handoff(record.question, record.asker, summary)
+
+    async def resolve(self, key: ConversationKey) -> bool:
+        """The human is done: the bot answers in the thread of `key` again. Raises StoreError."""
+        assert key.thread is not None
+        closed = await self.store.close_handoff(key, key.thread)
+        logger.info("hand-off of %s resolved (%s)", key.describe(), "closed" if closed else "none")
+        return closed
 
     # -- /llm-settings --------------------------------------------------------------------
 

@@ -119,6 +119,10 @@ def questions_key(key: ConversationKey, hour: int) -> str:
     return f"sb:{key.channel_tag}:questions:{hour}"
 
 
+def handoff_key(key: ConversationKey, thread: str) -> str:
+    return f"sb:{key.channel_tag}:handoff:{thread}"
+
+
 def _instance_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -168,8 +172,11 @@ class RedisStore:
     # -- turns ------------------------------------------------------------------------------
 
     @_store_errors
-    async def start_turn(self, key: ConversationKey, question: Message) -> Turn:
+    async def start_turn(
+        self, key: ConversationKey, question: Message, thread: str | None = None
+    ) -> Turn:
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.exists(handoff_key(key, thread or ""))
             pipe.hgetall(settings_key(key))
             self._queue_push(pipe, key, [question])
             pipe.lrange(history_key(key), 0, -1)
@@ -181,10 +188,28 @@ class RedisStore:
             pipe.hincrby(counter, "questions", 1)
             pipe.expire(counter, self.answer_ttl_s)
             results = await pipe.execute()
-        results = results[:-2]
+        handed_off = bool(thread) and bool(results[0])
+        results = results[1:-2]
         history = [Message.decode(item) for item in results[-2]]
         versions = {_text(k) or "": int(v) for k, v in results[-1].items()}
-        return Turn(self._settings(results[0]), history[:-1], versions)
+        if handed_off:  # a human has the thread: the question is not the bot's (rare: 2nd trip)
+            await self.redis.lrem(history_key(key), -1, question.encode())
+        return Turn(self._settings(results[0]), history[:-1], versions, handed_off)
+
+    @_store_errors
+    async def open_handoff(
+        self, key: ConversationKey, answer_id: str, thread: str
+    ) -> AnswerRecord | None:
+        keys = [answer_key(key, answer_id), handoff_key(key, thread)]
+        raw = await self.redis.eval(_HANDOFF, 2, *keys, answer_id)
+        if not raw:
+            return None
+        question, backend, asker, at = (_text(v) or "" for v in raw)
+        return AnswerRecord(answer_id, question, backend, asker, float(at or 0))
+
+    @_store_errors
+    async def close_handoff(self, key: ConversationKey, thread: str) -> bool:
+        return bool(await self.redis.delete(handoff_key(key, thread)))
 
     @_store_errors
     async def finish_turn(
@@ -516,6 +541,16 @@ end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ttl)
 return 1
+"""
+# A hand-off starts from an answer still stored; it lasts as long as that answer's record.
+_HANDOFF = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  return false
+end
+redis.call('HSET', KEYS[1], 'handoff', 1)
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl)
+return redis.call('HMGET', KEYS[1], 'question', 'backend', 'asker', 'at')
 """
 _COMPLETE = """
 for i, key in ipairs(KEYS) do

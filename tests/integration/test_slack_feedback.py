@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from bot.conversation import ConversationKey
-from bot.platforms.slack.feedback import VOTE_DOWN, VOTE_UP
+from bot.handoff import HANDED_OFF_NOTE
+from bot.platforms.slack.feedback import HANDOFF, HANDOFF_GONE, RESOLVED, VOTE_DOWN, VOTE_UP
 from bot.service import VOTE_GONE, VOTE_THANKS
 from bot.store import answer_key, votes_key
 from tests.fixtures.fake_openai import FakeOpenAI
@@ -61,9 +62,9 @@ async def test_votes_are_stored_with_the_answer_and_the_latest_counts(
         await app.settle(1)
         text, buttons = controls_of(fake_slack)
         assert text.startswith("The answer is 42.")
-        assert [b["action_id"] for b in buttons] == [VOTE_UP, VOTE_DOWN]
+        assert [b["action_id"] for b in buttons] == [VOTE_UP, VOTE_DOWN, HANDOFF]
         answer_id = buttons[0]["value"]
-        assert buttons[1]["value"] == answer_id
+        assert buttons[1]["value"] == buttons[2]["value"] == answer_id
         record = await redis.hgetall(answer_key(CHANNEL, answer_id))
         assert record[b"question"] == b"what is it?"
         assert record[b"asker"] == b"U0ALICE"
@@ -102,3 +103,92 @@ async def test_a_failed_answer_has_no_vote_buttons(settings, fake_slack, fake_op
         await app.send_event(mention("<@U0BOT> hi", ts=THREAD))
         await app.settle(1)
     assert all(not m.blocks for m in fake_slack.thread("C0GENERAL", THREAD))
+
+
+# -- "Ask a human" ----------------------------------------------------------------------------
+
+
+async def press(app, fake_slack: FakeSlack, action_id: str, value: str, *, replace=False):
+    seen = len(fake_slack.responses)
+    status, _ = await app.press(
+        action_id, value, response_url=fake_slack.response_url("x"), user="U0ALICE",
+        thread_ts=THREAD,
+    )  # fmt: skip
+    assert status == 200
+    await fake_slack.wait_until(lambda: len(fake_slack.responses) > seen)
+    reply = fake_slack.responses[seen]
+    assert reply.get("replace_original") is replace
+    return reply
+
+
+async def test_ask_a_human_hands_off_with_a_summary_until_resolved(
+    fake_slack, fake_openai, redis_server
+):
+    settings = slack_settings(
+        fake_slack, redis_url=redis_server.url, openai_url=fake_openai.base_url,
+        slack_handoff_to="U0LEAD, S0TEAM",
+    )  # fmt: skip
+    fake_openai.answer("Try the reset link.")
+    async with running_slack_app(settings) as app:
+        await app.send_event(mention("<@U0BOT> how do I reset my password?", ts=THREAD))
+        await app.settle(1)
+        _, buttons = controls_of(fake_slack)
+        fake_openai.answer("Alice cannot reset her password; the reset link was suggested.")
+        reply = await press(app, fake_slack, HANDOFF, buttons[2]["value"])
+        assert reply["response_type"] == "ephemeral"
+        handoff = fake_slack.thread("C0GENERAL", THREAD)[-1]
+        assert handoff.text.startswith("<@U0LEAD> <!subteam^S0TEAM> <@U0ALICE> asked for a human")
+        assert "*Question:* how do I reset my password?" in handoff.text
+        assert "*Summary:* Alice cannot reset her password" in handoff.text
+        [resolved] = next(b for b in handoff.blocks if b["type"] == "actions")["elements"]
+        assert (resolved["action_id"], resolved["value"]) == (RESOLVED, THREAD)
+
+        # Handed off: a mention there gets one short note, and no model is asked.
+        asked = len(fake_openai.chat_requests)
+        await app.send_event(mention("<@U0BOT> hello?", ts="1700.000200", thread_ts=THREAD))
+        await app.settle(2)
+        assert fake_slack.texts("C0GENERAL", THREAD)[-1] == HANDED_OFF_NOTE
+        assert len(fake_openai.chat_requests) == asked
+        assert [m.content for m in await app.runtime.service.store.history(CHANNEL)][-1] != (
+            "hello?"
+        )
+
+        # Resolved: the hand-off message says who resolved it, and the bot answers again.
+        done = await press(app, fake_slack, RESOLVED, THREAD, replace=True)
+        assert done["text"].startswith("✅ Resolved by <@U0ALICE>")
+        fake_openai.answer("Back again.")
+        await app.send_event(mention("<@U0BOT> still there?", ts="1700.000300", thread_ts=THREAD))
+        await app.settle(3)
+        assert fake_slack.texts("C0GENERAL", THREAD)[-1].startswith("Back again.")
+
+
+async def test_a_hand_off_goes_out_without_a_summary_when_no_model_answers(
+    settings, fake_slack, fake_openai
+):
+    fake_openai.answer("An answer.")
+    async with running_slack_app(settings) as app:
+        await app.send_event(mention("<@U0BOT> help", ts=THREAD))
+        await app.settle(1)
+        _, buttons = controls_of(fake_slack)
+        fake_openai.fail(status=500, times=10)
+        await press(app, fake_slack, HANDOFF, buttons[2]["value"])
+        handoff = fake_slack.thread("C0GENERAL", THREAD)[-1]
+    assert handoff.text.startswith("<@U0ALICE> asked for a human")  # SLACK_HANDOFF_TO unset
+    assert "*Question:* help" in handoff.text and "No summary" in handoff.text
+
+
+async def test_a_hand_off_from_an_answer_no_longer_stored_changes_nothing(
+    settings, fake_slack, fake_openai, redis
+):
+    fake_openai.answer("An answer.")
+    async with running_slack_app(settings) as app:
+        await app.send_event(mention("<@U0BOT> help", ts=THREAD))
+        await app.settle(1)
+        _, buttons = controls_of(fake_slack)
+        await redis.delete(answer_key(CHANNEL, buttons[2]["value"]))
+        before = sorted(await redis.keys("*"))
+        posted = len(fake_slack.calls_to("chat.postMessage"))
+        reply = await press(app, fake_slack, HANDOFF, buttons[2]["value"])
+        assert reply["text"] == HANDOFF_GONE
+        assert sorted(await redis.keys("*")) == before
+        assert len(fake_slack.calls_to("chat.postMessage")) == posted

@@ -84,7 +84,9 @@ class SlackBot:
         *,
         admins: frozenset[str] = frozenset(),
         tuning: Tuning | None = None,
+        handoff_to: tuple[str, ...] = (),
     ) -> None:
+        self.handoff_to = handoff_to
         self.service = service
         self.client = client
         self.identity = identity
@@ -99,7 +101,7 @@ class SlackBot:
         app.event("app_mention")(self._on_app_mention)
         app.event("message")(self._on_message)
         app.command(COMMAND)(self._on_settings)
-        Feedback(self.service, PLATFORM).register(app)
+        Feedback(self.service, PLATFORM, self.handoff_to).register(app)
 
     # --- listeners (run after bolt has acknowledged; nothing awaited before an answer starts) --
 
