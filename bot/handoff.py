@@ -20,6 +20,10 @@ HANDED_OFF_NOTE = (
     "A person from the team has this conversation now, so I'm staying out of it "
     "until they mark it resolved."
 )
+HANDOFF_GONE = (
+    "That answer is no longer on record, so I can't hand this conversation off from it. "
+    "Nothing was changed; mention the team directly."
+)
 SUMMARY_INSTRUCTION = (
     "Summarise this support conversation for a colleague who takes it over: in at most three "
     "short sentences, what the user needs and what has been answered so far. "

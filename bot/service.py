@@ -163,7 +163,7 @@ class SupportService:
                 yield _shortened_notice(conversation, len(full))
             self._observer.active(+1)
             try:
-                async for event in self._turn(conversation, question, user, key.thread):
+                async for event in self._turn(conversation, question, user, _unit(key)):
                     if isinstance(event, Failure) and event.error_id:
                         self._observer.failed(key.platform, event.reason)
                     yield event
@@ -396,11 +396,11 @@ class SupportService:
     # -- hand-off to a human ----------------------------------------------------------------
 
     async def handoff(self, key: ConversationKey, answer_id: str) -> Handoff | None:
-        """Hand the thread of `key` to a human, from one of its answers: the bot stays out of it
+        """Hand the thread of `key` (its channel where there are no threads: a Discord thread is
+        a channel) to a human, from one of its answers: the bot stays out of it
         until `resolve()`. None, and nothing changed, when that answer is no longer stored.
         Raises StoreError."""
-        assert key.thread is not None
-        record = await self.store.open_handoff(key, answer_id, key.thread)
+        record = await self.store.open_handoff(key, answer_id, _unit(key))
         if record is None:
             return None
         logger.info("thread %s handed off to a human", key.describe())
@@ -411,8 +411,7 @@ class SupportService:
 
     async def resolve(self, key: ConversationKey) -> bool:
         """The human is done: the bot answers in the thread of `key` again. Raises StoreError."""
-        assert key.thread is not None
-        closed = await self.store.close_handoff(key, key.thread)
+        closed = await self.store.close_handoff(key, _unit(key))
         logger.info("hand-off of %s resolved (%s)", key.describe(), "closed" if closed else "none")
         return closed
 
@@ -430,6 +429,11 @@ class SupportService:
                 exc,
                 reason="redis",
             ).message
+
+
+def _unit(key: ConversationKey) -> str:
+    """What a hand-off covers: the thread, or the channel where the platform has no threads."""
+    return key.thread or key.channel
 
 
 def _shortened_notice(conversation: ConversationKey, length: int) -> Failure:

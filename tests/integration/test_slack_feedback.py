@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from bot.conversation import ConversationKey
-from bot.handoff import HANDED_OFF_NOTE
-from bot.platforms.slack.feedback import HANDOFF, HANDOFF_GONE, RESOLVED, VOTE_DOWN, VOTE_UP
+from bot.handoff import HANDED_OFF_NOTE, HANDOFF_GONE
+from bot.platforms.slack.feedback import HANDOFF, RESOLVED, VOTE_DOWN, VOTE_UP
 from bot.service import VOTE_GONE, VOTE_THANKS
 from bot.store import answer_key, votes_key
 from tests.fixtures.fake_openai import FakeOpenAI

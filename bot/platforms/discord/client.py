@@ -18,9 +18,16 @@ from discord import app_commands
 
 from bot.config import ConfigError, Settings
 from bot.conversation import ConversationKey
+from bot.handoff import HANDOFF_GONE
 from bot.ops.health import Readiness
 from bot.platforms.discord.command import may_configure, settings_command
-from bot.platforms.discord.feedback import parse
+from bot.platforms.discord.feedback import (
+    HANDOFF_PREFIX,
+    RESOLVED_PREFIX,
+    handoff_text,
+    parse,
+    resolved_control,
+)
 from bot.platforms.discord.sink import MESSAGE_LIMIT, ChannelPacer, DiscordSink
 from bot.platforms.frontdoor import FrontDoor, error_reply
 from bot.platforms.text import split_message
@@ -60,6 +67,7 @@ class SupportBot(discord.Client):
         service: SupportService,
         *,
         settings_role: str | None = None,
+        handoff_role: str | None = None,
         sync_guild_id: int | None = None,
         sync_commands: bool = True,
         edit_interval: float = 1.0,
@@ -78,6 +86,7 @@ class SupportBot(discord.Client):
         self.service = service
         self.door = FrontDoor(service, PLATFORM, drain_timeout_s=drain_timeout_s)
         self.settings_role = settings_role
+        self.handoff_role = handoff_role
         self._sync_guild_id = sync_guild_id
         self._sync_commands = sync_commands
         self._edit_interval = edit_interval
@@ -177,26 +186,71 @@ class SupportBot(discord.Client):
     # -- 👍/👎 ------------------------------------------------------------------------------
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
-        """A vote button pressed (on any answer, also one sent before a restart)."""
+        """A button of ours pressed (on any message, also one sent before a restart)."""
         if interaction.type is not discord.InteractionType.component:
             return
         data = cast("dict[str, Any]", interaction.data or {})
-        vote = parse(str(data.get("custom_id") or ""))
-        if vote is None or interaction.channel_id is None:
+        custom_id = str(data.get("custom_id") or "")
+        if interaction.channel_id is None:
             return
         key = conversation_key(interaction.channel_id, interaction.guild_id)
         try:
-            text = await self.service.feedback(
-                key, vote[1], User(id=interaction.user.mention), vote[0]
-            )
+            if (vote := parse(custom_id)) is not None:
+                text = await self.service.feedback(
+                    key, vote[1], User(id=interaction.user.mention), vote[0]
+                )
+            elif custom_id.startswith(HANDOFF_PREFIX):
+                await self._hand_off(interaction, key, custom_id.removeprefix(HANDOFF_PREFIX))
+                return
+            elif custom_id.startswith(RESOLVED_PREFIX):
+                await self.service.resolve(key)
+                await interaction.response.edit_message(
+                    content=f"✅ Resolved by {interaction.user.mention}. I'll answer here again.",
+                    view=None,
+                )
+                return
+            else:
+                return
         except Exception as exc:
             text = error_reply(
-                "Sorry, your vote could not be recorded. Please try again.",
-                "vote in %s failed",
+                "Sorry, that didn't work. Please try again.",
+                "button %s in %s failed",
+                custom_id.split(":")[1],
                 key.describe(),
                 exc=exc,
             )
-        await interaction.response.send_message(text, ephemeral=True)
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+
+    async def _hand_off(
+        self, interaction: discord.Interaction, key: ConversationKey, answer_id: str
+    ) -> None:
+        # The summary takes a model's time: past Discord's 3 s, so acknowledge first.
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        handoff = await self.service.handoff(key, answer_id)
+        if handoff is None:
+            await interaction.followup.send(HANDOFF_GONE, ephemeral=True)
+            return
+        channel = interaction.channel
+        assert isinstance(channel, discord.abc.Messageable)
+        text = handoff_text(
+            self.handoff_role, handoff.asker or interaction.user.mention, handoff.question,
+            handoff.summary,
+        )  # fmt: skip
+        view = resolved_control(interaction.channel_id or 0)
+        try:
+            await channel.send(
+                text,
+                view=view,
+                allowed_mentions=discord.AllowedMentions(roles=True, users=True),
+            )
+        finally:
+            view.stop()
+        await interaction.followup.send(
+            "I've asked a human to take over this conversation.", ephemeral=True
+        )
 
     # -- /llm-settings ---------------------------------------------------------------------
 
@@ -257,6 +311,7 @@ def build_client(service: SupportService, settings: Settings, **options: Any) ->
     count, ids = shard_config(settings)
     common: dict[str, Any] = {
         "settings_role": settings.discord_settings_role,
+        "handoff_role": settings.discord_handoff_role,
         "sync_guild_id": settings.discord_guild_id,
         # One process syncs the commands: the one holding shard 0 (or the only one).
         "sync_commands": ids is None or 0 in ids,

@@ -19,6 +19,7 @@ from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.conversation import ConversationKey, Vote
+from bot.handoff import HANDOFF_GONE
 from bot.platforms.frontdoor import error_reply
 from bot.platforms.slack.mrkdwn import escape
 from bot.service import SupportService, User
@@ -29,10 +30,6 @@ VOTE_UP = "sb_vote_up"
 VOTE_DOWN = "sb_vote_down"
 HANDOFF = "sb_handoff"
 RESOLVED = "sb_resolved"
-HANDOFF_GONE = (
-    "That answer is no longer on record, so I can't hand this conversation off from it. "
-    "Nothing was changed; mention the team directly."
-)
 _VOTES: dict[str, Vote] = {VOTE_UP: "up", VOTE_DOWN: "down"}
 SECTION_LIMIT = 3000  # Slack's limit on a section block's text
 
