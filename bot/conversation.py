@@ -220,10 +220,14 @@ class Store(Protocol):
         """The answer was delivered: no later delivery of the event is answered."""
         ...
 
-    async def mark_answered(self, key: ConversationKey) -> None:
-        """Remember that the bot answered in this thread (follow-ups need no mention)."""
+    async def mark_answered(self, key: ConversationKey, asker: str) -> None:
+        """Remember that the bot answered `asker` in this thread (their follow-ups need no
+        mention)."""
         ...
 
-    async def was_answered(self, key: ConversationKey) -> bool: ...
+    async def may_follow_up(self, key: ConversationKey, user: str) -> bool:
+        """Whether `user`'s message without a mention in this thread is a follow-up: the bot
+        last answered them there, and the thread is not handed off to a human. One round trip."""
+        ...
 
     async def ping(self) -> None: ...

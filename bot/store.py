@@ -489,13 +489,17 @@ class RedisStore:
         )  # fmt: skip
 
     @_store_errors
-    async def mark_answered(self, key: ConversationKey) -> None:
+    async def mark_answered(self, key: ConversationKey, asker: str) -> None:
         # As long as the thread's history lives.
-        await self.redis.set(answered_key(key), 1, ex=self.ttl_seconds)
+        await self.redis.set(answered_key(key), asker, ex=self.ttl_seconds)
 
     @_store_errors
-    async def was_answered(self, key: ConversationKey) -> bool:
-        return bool(await self.redis.exists(answered_key(key)))
+    async def may_follow_up(self, key: ConversationKey, user: str) -> bool:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(answered_key(key))
+            pipe.exists(handoff_key(key, key.thread or key.channel))
+            asker, handed_off = await pipe.execute()
+        return _text(asker) == user and not handed_off
 
 
 # Lease scripts: touch a key only while it still holds our token (a lease that expired may
