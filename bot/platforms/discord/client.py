@@ -17,7 +17,7 @@ import discord
 from discord import app_commands
 
 from bot.config import ConfigError, Settings
-from bot.conversation import ConversationKey
+from bot.conversation import ConversationKey, StoreError
 from bot.handoff import HANDOFF_GONE
 from bot.ops.health import Readiness
 from bot.platforms.discord.command import may_configure, settings_command
@@ -143,21 +143,38 @@ class SupportBot(discord.Client):
     # -- mentions and DMs --------------------------------------------------------------------
 
     async def on_message(self, message: discord.Message) -> None:
-        if self.door.accepting and self._wants_answer(message):
+        if not self.door.accepting or not self._from_a_person(message):
+            return
+        if self._wants_answer(message):
             self.door.start(self.answer(message), f"discord message {message.id}")
+        elif self._maybe_follow_up(message):
+            self.door.start(self.answer(message, follow_up=True), f"discord follow-up {message.id}")
 
-    def _wants_answer(self, message: discord.Message) -> bool:
+    def _from_a_person(self, message: discord.Message) -> bool:
         me = self.user
         if me is None or message.author.bot or message.author.id == me.id:
             return False
-        if message.webhook_id is not None or message.type not in _ANSWERED_TYPES:
-            return False
+        return message.webhook_id is None and message.type in _ANSWERED_TYPES
+
+    def _wants_answer(self, message: discord.Message) -> bool:
+        me = self.user
+        assert me is not None
         if message.guild is None:
             return isinstance(message.channel, discord.DMChannel)
         own_role = message.guild.self_role
         return any(user.id == me.id for user in message.mentions) or (
             own_role is not None and own_role in message.role_mentions
         )
+
+    def _maybe_follow_up(self, message: discord.Message) -> bool:
+        """A message without a mention in a thread, or a reply to the bot's message: answered
+        if the bot last answered its author in that channel (checked under the lock)."""
+        if message.guild is None:
+            return False
+        if isinstance(message.channel, discord.Thread):
+            return True
+        replied = message.reference.resolved if message.reference else None
+        return isinstance(replied, discord.Message) and replied.author == self.user
 
     def question(self, message: discord.Message) -> str:
         """The message text without the bot's mention (user `<@id>`/`<@!id>`, or its role)."""
@@ -168,7 +185,7 @@ class SupportBot(discord.Client):
             pattern += rf"|<@&{own_role.id}>"
         return re.sub(pattern, " ", message.content).strip()
 
-    async def answer(self, message: discord.Message) -> None:
+    async def answer(self, message: discord.Message, *, follow_up: bool = False) -> None:
         """Answer one message (an answer task: the service's lock is its first await)."""
         key = conversation_key(message.channel.id, message.guild.id if message.guild else None)
         user = User(id=message.author.mention, name=message.author.display_name)
@@ -176,12 +193,29 @@ class SupportBot(discord.Client):
         me = self.user
 
         async def admit() -> bool:
+            if follow_up and not await self._follow_up(key, user.id):
+                return False
             # Per bot user: two different bots mentioned in one message both answer.
-            return me is None or await self.door.claim((f"{me.id}:{message.id}",), "message")
+            if me is not None and not await self.door.claim((f"{me.id}:{message.id}",), "message"):
+                return False
+            try:
+                await self.service.store.mark_answered(key, user.id)
+            except StoreError as exc:  # the answer matters more; follow-ups may need a mention
+                logger.warning("could not record the asker in %s: %s", key.describe(), exc)
+            return True
 
         await self.door.answer(
             key, user, self.question(message), sink, admit=admit, interval_s=self._edit_interval
         )
+
+    async def _follow_up(self, key: ConversationKey, user: str) -> bool:
+        """Unknown while the store is down: stay out rather than join a human conversation."""
+        try:
+            return await self.service.store.may_follow_up(key, user)
+        except StoreError as exc:
+            logger.warning("not answering a follow-up in %s: the store is unreachable (%s)",
+                           key.describe(), exc)  # fmt: skip
+            return False
 
     # -- 👍/👎 ------------------------------------------------------------------------------
 
