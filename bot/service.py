@@ -205,6 +205,7 @@ class SupportService:
             record = AnswerRecord(
                 secrets.token_hex(8), question, "", user.id, time.time(), no_passage=True
             )
+            self._observer.no_passage(conversation.platform)
             try:
                 await self.store.finish_turn(
                     conversation, Message("assistant", NO_DOCUMENTED_ANSWER), record
@@ -257,6 +258,8 @@ class SupportService:
                             secrets.token_hex(8), question, event.backend, user.id, time.time(),
                             event.first_token_s, no_passage=choice.mode != "off" and not passages,
                         )  # fmt: skip
+                        if record.no_passage:
+                            self._observer.no_passage(conversation.platform)
                         text = "".join(parts)
                         done = await self._finish(conversation, text, event, started, record)
                         sources = cited_sources(text, grounded.passages)
@@ -391,6 +394,7 @@ class SupportService:
             logger.info("vote on unknown answer %s in %s", answer_id, key.describe())
             return VOTE_GONE
         logger.info("%s vote on answer %s in %s", vote, answer_id, key.describe())
+        self._observer.voted(key.platform, vote)
         return VOTE_THANKS
 
     # -- hand-off to a human ----------------------------------------------------------------
@@ -404,6 +408,7 @@ class SupportService:
         if record is None:
             return None
         logger.info("thread %s handed off to a human", key.describe())
+        self._observer.handed_off(key.platform)
         conversation = key.scoped(self.scope)
         history = await self.store.history(conversation)
         summary = await summarise(self.llm, history, self.store.defaults)

@@ -20,9 +20,17 @@ from redis.asyncio import Redis
 from bot.commands import report
 from bot.config import Settings
 from bot.conversation import AnswerRecord, ConversationKey, Message
+from bot.llm.base import Finished
+from bot.llm.chain import LLMChain
+from bot.ops import metrics
+from bot.ops.metrics import PrometheusObserver
 from bot.reporting import parse_duration
+from bot.sampling import KnowledgeChoice
+from bot.service import Answered, SupportService, User
 from bot.store import RedisStore, answer_key
 from tests.conftest import make_store, repo_root
+from tests.support.backends import ScriptedLLM
+from tests.support.knowledge import knowledge, write_docs
 
 SLACK = ConversationKey("slack", "T1", "C1", "1700.1")
 DISCORD = ConversationKey("discord", "G1", "C9")
@@ -159,3 +167,32 @@ def test_the_cli_refuses_a_bad_since_and_changes_nothing(redis_server: Any, tmp_
                           cwd=tmp_path, timeout=60)  # fmt: skip
     assert good.returncode == 0, good.stderr
     assert good.stdout.startswith("platform,workspace,channel,questions,answers,")
+
+
+async def test_answers_without_a_passage_are_counted_in_the_report_and_on_metrics(
+    redis: Redis, tmp_path: Path
+) -> None:
+    llm = ScriptedLLM()
+    store = make_store(redis)
+    store.knowledge_defaults = KnowledgeChoice("strict", "default")
+    kb = knowledge(redis, semantic=False)
+    svc = SupportService(
+        store=store, llm=LLMChain(llm, None), persona="p", observer=PrometheusObserver(),
+        knowledge=kb,
+    )  # fmt: skip
+    await svc.llm.start()
+    await kb.add([str(write_docs(tmp_path / "docs"))], "default")
+    before = metrics.REGISTRY.get_sample_value("supportbot_no_passage_total", {"platform": "slack"})
+    key = ConversationKey("slack", "T9", "C9", "1.1")
+    refused = [e async for e in svc.ask(key, User("U1"), "What is the capital of Mongolia?")]
+    assert any(isinstance(e, Answered) for e in refused)  # the reply gets the controls too
+    answered = [e async for e in svc.ask(key, User("U1"), "How do I return an item?")]
+    assert isinstance(answered[-1], Finished)
+    after = metrics.REGISTRY.get_sample_value("supportbot_no_passage_total", {"platform": "slack"})
+    assert (after or 0) - (before or 0) == 1
+    questions, rows = await store.report_data(time.time() - DAY)
+    assert questions == {("slack", "T9", "C9"): 2}
+    assert sorted((r.question, r.backend, r.no_passage) for r in rows) == [
+        ("How do I return an item?", "test:scripted", False),
+        ("What is the capital of Mongolia?", "", True),
+    ]

@@ -11,6 +11,7 @@ import pytest
 
 from bot.conversation import ConversationKey
 from bot.handoff import HANDED_OFF_NOTE, HANDOFF_GONE
+from bot.ops import metrics
 from bot.platforms.slack.feedback import HANDOFF, RESOLVED, VOTE_DOWN, VOTE_UP
 from bot.service import VOTE_GONE, VOTE_THANKS
 from bot.store import answer_key, votes_key
@@ -20,6 +21,13 @@ from tests.fixtures.fake_slack import FakeSlack, mention, running_slack_app, sla
 pytestmark = pytest.mark.usefixtures("redis")
 
 THREAD = "1700.000100"
+
+
+def counted(name: str, **labels: str) -> float:
+    """A /metrics counter's value (the registry is process-wide: tests compare differences)."""
+    return metrics.REGISTRY.get_sample_value(f"supportbot_{name}_total", labels) or 0.0
+
+
 CHANNEL = ConversationKey("slack", "T0TEST", "C0GENERAL")
 
 
@@ -71,11 +79,18 @@ async def test_votes_are_stored_with_the_answer_and_the_latest_counts(
         assert record[b"backend"].startswith(b"openai:")
 
         posted = len(fake_slack.calls_to("chat.postMessage", "chat.postEphemeral"))
+        ups, downs = (
+            counted("votes", platform="slack", vote="up"),
+            counted("votes", platform="slack", vote="down"),
+        )
         assert await vote(app, fake_slack, VOTE_UP, answer_id) == VOTE_THANKS
         assert await vote(app, fake_slack, VOTE_DOWN, answer_id, user="U0BOB") == VOTE_THANKS
         assert await vote(app, fake_slack, VOTE_DOWN, answer_id) == VOTE_THANKS  # changed
         store = app.runtime.service.store
         assert await store.votes(CHANNEL, answer_id) == {"U0ALICE": "down", "U0BOB": "down"}
+        # /metrics counts presses (the report, the latest vote of each user).
+        assert counted("votes", platform="slack", vote="up") == ups + 1
+        assert counted("votes", platform="slack", vote="down") == downs + 2
         # Votes post nothing into the channel.
         assert len(fake_slack.calls_to("chat.postMessage", "chat.postEphemeral")) == posted
         assert await redis.ttl(votes_key(CHANNEL, answer_id)) > 0  # bounded like the answer
@@ -134,7 +149,9 @@ async def test_ask_a_human_hands_off_with_a_summary_until_resolved(
         await app.settle(1)
         _, buttons = controls_of(fake_slack)
         fake_openai.answer("Alice cannot reset her password; the reset link was suggested.")
+        handoffs = counted("handoffs", platform="slack")
         reply = await press(app, fake_slack, HANDOFF, buttons[2]["value"])
+        assert counted("handoffs", platform="slack") == handoffs + 1
         assert reply["response_type"] == "ephemeral"
         handoff = fake_slack.thread("C0GENERAL", THREAD)[-1]
         assert handoff.text.startswith("<@U0LEAD> <!subteam^S0TEAM> <@U0ALICE> asked for a human")
