@@ -133,11 +133,16 @@ class Store(Protocol):
     def max_new_tokens_limit(self) -> int: ...
 
     async def start_turn(
-        self, key: ConversationKey, question: Message, thread: str | None = None
+        self,
+        key: ConversationKey,
+        question: Message,
+        thread: str | None = None,
+        asker: str | None = None,
     ) -> Turn:
         """Store the question and read the settings and the history before it: one round trip
-        (so a failed answer never loses the question). With `thread`, whether that thread is
-        handed off to a human rides along."""
+        (so a failed answer never loses the question). With `thread` (a thread, or a channel
+        where there are none), whether a human has it rides along, and with `asker` the thread
+        remembers whom the bot answers there (their follow-ups need no mention)."""
         ...
 
     async def open_handoff(
@@ -218,11 +223,6 @@ class Store(Protocol):
         conversation: ConversationKey | None = None,
     ) -> None:
         """The answer was delivered: no later delivery of the event is answered."""
-        ...
-
-    async def mark_answered(self, key: ConversationKey, asker: str) -> None:
-        """Remember that the bot answered `asker` in this thread (their follow-ups need no
-        mention)."""
         ...
 
     async def may_follow_up(self, key: ConversationKey, user: str) -> bool:

@@ -176,7 +176,7 @@ class SupportService:
         started = time.monotonic()
         asked = Message("user", question)
         try:
-            turn = await self.store.start_turn(conversation, asked, thread)
+            turn = await self.store.start_turn(conversation, asked, thread, user.id)
         except StoreError as exc:
             yield self._fail(
                 "I couldn't reach my conversation store, so I didn't answer. "

@@ -102,8 +102,9 @@ def turn_key(key: ConversationKey) -> str:
     return f"sb:{key.channel_tag}:turn{suffix}"
 
 
-def answered_key(key: ConversationKey) -> str:
-    return f"sb:{key.channel_tag}:answered:{key.thread}"
+def answered_key(key: ConversationKey, unit: str) -> str:
+    """Whom the bot last answered in a thread (or a channel without threads): follow-ups."""
+    return f"sb:{key.channel_tag}:answered:{unit}"
 
 
 def answer_key(key: ConversationKey, answer_id: str) -> str:
@@ -173,7 +174,11 @@ class RedisStore:
 
     @_store_errors
     async def start_turn(
-        self, key: ConversationKey, question: Message, thread: str | None = None
+        self,
+        key: ConversationKey,
+        question: Message,
+        thread: str | None = None,
+        asker: str | None = None,
     ) -> Turn:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.exists(handoff_key(key, thread or ""))
@@ -183,18 +188,22 @@ class RedisStore:
             # The knowledge base's versions ride along, so a process notices new documents
             # without another round trip (bot.knowledge.store).
             pipe.hgetall(KB_VERSIONS_KEY)
-            # For `supportbot report`, in the same round trip (and slot: the channel's tag).
+            # For `supportbot report` and follow-ups, in the same round trip (and slot: the
+            # channel's tag): the question's hour count, and whom the bot answers in the thread.
             counter = questions_key(key, int(time.time() // 3600))
             pipe.hincrby(counter, "questions", 1)
             pipe.expire(counter, self.answer_ttl_s)
+            if thread and asker:
+                pipe.set(answered_key(key, thread), asker, ex=self.ttl_seconds)
             results = await pipe.execute()
         handed_off = bool(thread) and bool(results[0])
-        results = results[1:-2]
-        history = [Message.decode(item) for item in results[-2]]
-        versions = {_text(k) or "": int(v) for k, v in results[-1].items()}
+        # exists, hgetall, (rpush, ltrim, expire), lrange, hgetall, …
+        settings, history_raw, versions_raw = results[1], results[5], results[6]
+        history = [Message.decode(item) for item in history_raw]
+        versions = {_text(k) or "": int(v) for k, v in versions_raw.items()}
         if handed_off:  # a human has the thread: the question is not the bot's (rare: 2nd trip)
             await self.redis.lrem(history_key(key), -1, question.encode())
-        return Turn(self._settings(results[0]), history[:-1], versions, handed_off)
+        return Turn(self._settings(settings), history[:-1], versions, handed_off)
 
     @_store_errors
     async def open_handoff(
@@ -489,14 +498,9 @@ class RedisStore:
         )  # fmt: skip
 
     @_store_errors
-    async def mark_answered(self, key: ConversationKey, asker: str) -> None:
-        # As long as the thread's history lives.
-        await self.redis.set(answered_key(key), asker, ex=self.ttl_seconds)
-
-    @_store_errors
     async def may_follow_up(self, key: ConversationKey, user: str) -> bool:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(answered_key(key))
+            pipe.get(answered_key(key, key.thread or key.channel))
             pipe.exists(handoff_key(key, key.thread or key.channel))
             asker, handed_off = await pipe.execute()
         return _text(asker) == user and not handed_off

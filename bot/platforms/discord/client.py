@@ -196,13 +196,7 @@ class SupportBot(discord.Client):
             if follow_up and not await self._follow_up(key, user.id):
                 return False
             # Per bot user: two different bots mentioned in one message both answer.
-            if me is not None and not await self.door.claim((f"{me.id}:{message.id}",), "message"):
-                return False
-            try:
-                await self.service.store.mark_answered(key, user.id)
-            except StoreError as exc:  # the answer matters more; follow-ups may need a mention
-                logger.warning("could not record the asker in %s: %s", key.describe(), exc)
-            return True
+            return me is None or await self.door.claim((f"{me.id}:{message.id}",), "message")
 
         await self.door.answer(
             key, user, self.question(message), sink, admit=admit, interval_s=self._edit_interval

@@ -198,13 +198,7 @@ class SlackBot:
         async def admit() -> bool:  # under the conversation's lock
             if follow_up and not await self._follow_up(key, question.user):
                 return False
-            if not await self.door.claim(question.claim_ids, question.kind, question.retry):
-                return False
-            try:
-                await self.service.store.mark_answered(key, question.user)
-            except StoreError as exc:  # the answer matters more; follow-ups may need a mention
-                logger.warning("could not record thread %s: %s", key.describe(), exc)
-            return True
+            return await self.door.claim(question.claim_ids, question.kind, question.retry)
 
         await self.door.answer(
             key, user, question.text, sink, admit=admit, interval_s=self.tuning.update_interval_s
