@@ -76,7 +76,27 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--collection", help="collection (default: KB_COLLECTION)")
         if arg:
             sub.add_argument("args", metavar=arg, nargs=nargs)
+    report = commands.add_parser(
+        "report",
+        help="the support picture per platform and channel",
+        description="Questions, answers by backend, 👍/👎, hand-offs, questions answered without "
+        "a passage, first-token latency p50/p95, and the questions that most need better "
+        "documents; from what is kept in Redis (REPORT_RETENTION_DAYS).",
+    )
+    report.add_argument(
+        "--since", default="7d", type=_duration, help="period: 30m, 12h, 7d, 2w (default: 7d)"
+    )
+    report.add_argument("--format", default="text", choices=("text", "json", "csv"))
     return parser
+
+
+def _duration(text: str) -> float:
+    from bot.reporting import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _version() -> str:
@@ -127,6 +147,10 @@ def _main(argv: Sequence[str] | None) -> int:
             return asyncio.run(
                 kb.run(settings, args.action, getattr(args, "args", []), args.collection)
             )
+        if args.command == "report":
+            from bot.commands import report
+
+            return asyncio.run(report.run(settings, args.since, args.format))
         # slack or discord (argparse allows nothing else), imported on demand: `chat` never
         # loads slack-bolt or discord.py.
         module = importlib.import_module(_SERVICES[args.command])

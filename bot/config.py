@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     history_max_messages: int = Field(default=40, ge=2, le=1000)
     history_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     history_scope: Literal["channel", "thread"] = "channel"
+    # extension: days answers, votes and question counts are kept for `supportbot report`
+    report_retention_days: int = Field(default=30, ge=1, le=3650)
 
     # Slack
     slack_bot_token: SecretStr | None = None
@@ -93,10 +95,12 @@ class Settings(BaseSettings):
     slack_app_token: SecretStr | None = None
     slack_api_url: str = "https://slack.com/api/"
     slack_settings_admins: str | None = None  # comma/space separated user ids
+    slack_handoff_to: str | None = None  # user ids (U…) and/or user-group ids (S…), comma separated
 
     # Discord
     discord_token: SecretStr | None = None
     discord_settings_role: str | None = None
+    discord_handoff_role: str | None = None  # the role (id) mentioned by a hand-off
     discord_guild_id: int | None = None
     discord_shard_count: int | None = Field(default=None, ge=1)
     discord_shard_ids: str | None = None  # comma separated
@@ -216,6 +220,11 @@ class Settings(BaseSettings):
                 if password:
                     secrets += [password, unquote(password)]
         return [s for s in secrets if s]
+
+    @property
+    def slack_handoff_ids(self) -> tuple[str, ...]:
+        raw = self.slack_handoff_to or ""
+        return tuple(part for part in re.split(r"[\s,]+", raw) if part)
 
     @property
     def slack_admin_ids(self) -> frozenset[str]:

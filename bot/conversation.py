@@ -97,6 +97,23 @@ class Turn:
     history: list[Message]
     # collection -> version of the knowledge base, read in the same round trip
     kb_versions: Mapping[str, int] = field(default_factory=dict)
+    handed_off: bool = False  # a human has this thread: the question is withdrawn, not answered
+
+
+Vote = Literal["up", "down"]
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerRecord:
+    """A delivered answer, kept so that votes (and the report) can refer to it by `answer_id`."""
+
+    answer_id: str
+    question: str
+    backend: str
+    asker: str
+    at: float  # unix time
+    first_token_s: float | None = None
+    no_passage: bool = False  # knowledge was on and no passage was relevant
 
 
 class StoreError(Exception):
@@ -115,12 +132,46 @@ class Store(Protocol):
     @property
     def max_new_tokens_limit(self) -> int: ...
 
-    async def start_turn(self, key: ConversationKey, question: Message) -> Turn:
+    async def start_turn(
+        self,
+        key: ConversationKey,
+        question: Message,
+        thread: str | None = None,
+        asker: str | None = None,
+    ) -> Turn:
         """Store the question and read the settings and the history before it: one round trip
-        (so a failed answer never loses the question)."""
+        (so a failed answer never loses the question). With `thread` (a thread, or a channel
+        where there are none), whether a human has it rides along, and with `asker` the thread
+        remembers whom the bot answers there (their follow-ups need no mention)."""
         ...
 
-    async def finish_turn(self, key: ConversationKey, answer: Message) -> None: ...
+    async def open_handoff(
+        self, key: ConversationKey, answer_id: str, thread: str
+    ) -> AnswerRecord | None:
+        """Hand `thread` of the channel of `key` to a human, from an answer; the answer's record
+        (marked as handed off), or None, and nothing changed, when it is no longer stored."""
+        ...
+
+    async def close_handoff(self, key: ConversationKey, thread: str) -> bool:
+        """The human is done ("Resolved"): the bot answers there again. False if not open."""
+        ...
+
+    async def finish_turn(
+        self, key: ConversationKey, answer: Message, record: AnswerRecord | None = None
+    ) -> None:
+        """Store the answer (and its record, for votes) in one round trip."""
+        ...
+
+    async def vote(
+        self, key: ConversationKey, answer_id: str, user: str, vote: Vote, at: float
+    ) -> bool:
+        """Record `user`'s vote on an answer of the channel of `key` (a later vote replaces it).
+        False, and nothing changed, when that answer is no longer stored."""
+        ...
+
+    async def votes(self, key: ConversationKey, answer_id: str) -> dict[str, Vote]:
+        """Each user's latest vote on an answer (operators, tests)."""
+        ...
 
     async def history(self, key: ConversationKey) -> list[Message]:
         """The stored history of a conversation (operators, tests)."""
@@ -174,10 +225,9 @@ class Store(Protocol):
         """The answer was delivered: no later delivery of the event is answered."""
         ...
 
-    async def mark_answered(self, key: ConversationKey) -> None:
-        """Remember that the bot answered in this thread (follow-ups need no mention)."""
+    async def may_follow_up(self, key: ConversationKey, user: str) -> bool:
+        """Whether `user`'s message without a mention in this thread is a follow-up: the bot
+        last answered them there, and the thread is not handed off to a human. One round trip."""
         ...
-
-    async def was_answered(self, key: ConversationKey) -> bool: ...
 
     async def ping(self) -> None: ...

@@ -59,6 +59,12 @@ class Observer(Protocol):
 
     def active(self, change: int) -> None: ...
 
+    def voted(self, platform: str, vote: str) -> None: ...
+
+    def handed_off(self, platform: str) -> None: ...
+
+    def no_passage(self, platform: str) -> None: ...
+
 
 class Unobserved:
     """The observer when none is given."""
@@ -76,4 +82,13 @@ class Unobserved:
         pass
 
     def active(self, change: int) -> None:
+        pass
+
+    def voted(self, platform: str, vote: str) -> None:
+        pass
+
+    def handed_off(self, platform: str) -> None:
+        pass
+
+    def no_passage(self, platform: str) -> None:
         pass

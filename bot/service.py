@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -19,13 +20,16 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from bot.conversation import (
+    AnswerRecord,
     ConversationKey,
     HistoryScope,
     Message,
     Store,
     StoreError,
     TurnLocks,
+    Vote,
 )
+from bot.handoff import HANDED_OFF_NOTE, Handoff, summarise
 from bot.knowledge.cite import NO_DOCUMENTED_ANSWER, Sources, cited_sources
 from bot.knowledge.passages import Passage
 from bot.llm.base import (
@@ -68,7 +72,20 @@ class Failure:
     reason: str = "notice"
 
 
-AnswerEvent = Delta | Finished | Failure | Sources
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """Just before Finished: the stored answer's id, which the platforms attach to its 👍/👎
+    controls."""
+
+    answer_id: str
+
+
+AnswerEvent = Delta | Finished | Failure | Sources | Answered
+VOTE_THANKS = "Thanks for your feedback! It helps us improve these answers."
+VOTE_GONE = (
+    "That answer is no longer on record (answers are kept for a limited time), "
+    "so your vote was not counted. Nothing was changed."
+)
 # Called once the turn's place in its conversation has come; False: not to be answered (a
 # duplicate delivery, say), and the turn ends without a word.
 Admit = Callable[[], Awaitable[bool]]
@@ -146,7 +163,7 @@ class SupportService:
                 yield _shortened_notice(conversation, len(full))
             self._observer.active(+1)
             try:
-                async for event in self._turn(conversation, question):
+                async for event in self._turn(conversation, question, user, _unit(key)):
                     if isinstance(event, Failure) and event.error_id:
                         self._observer.failed(key.platform, event.reason)
                     yield event
@@ -154,12 +171,12 @@ class SupportService:
                 self._observer.active(-1)
 
     async def _turn(
-        self, conversation: ConversationKey, question: str
+        self, conversation: ConversationKey, question: str, user: User, thread: str | None
     ) -> AsyncIterator[AnswerEvent]:
         started = time.monotonic()
         asked = Message("user", question)
         try:
-            turn = await self.store.start_turn(conversation, asked)
+            turn = await self.store.start_turn(conversation, asked, thread, user.id)
         except StoreError as exc:
             yield self._fail(
                 "I couldn't reach my conversation store, so I didn't answer. "
@@ -171,6 +188,9 @@ class SupportService:
             )
             return
 
+        if turn.handed_off:
+            yield Failure(HANDED_OFF_NOTE, reason="handed_off")
+            return
         sampling = turn.settings.effective
         choice = turn.settings.knowledge
         passages = []
@@ -180,11 +200,20 @@ class SupportService:
             )
         if choice.mode == "strict" and not passages:
             # No relevant passage: the model is not asked (it would guess).
-            yield Failure(NO_DOCUMENTED_ANSWER, reason="no_passage")
-            with contextlib.suppress(StoreError):
+            # Recorded (no backend) for the report's "without a passage" and its question list;
+            # its id gives the reply the same controls ("Ask a human" among them).
+            record = AnswerRecord(
+                secrets.token_hex(8), question, "", user.id, time.time(), no_passage=True
+            )
+            self._observer.no_passage(conversation.platform)
+            try:
                 await self.store.finish_turn(
-                    conversation, Message("assistant", NO_DOCUMENTED_ANSWER)
+                    conversation, Message("assistant", NO_DOCUMENTED_ANSWER), record
                 )
+                yield Answered(record.answer_id)
+            except StoreError:
+                pass
+            yield Failure(NO_DOCUMENTED_ANSWER, reason="no_passage")
             return
         try:
             grounded = await asyncio.to_thread(
@@ -225,10 +254,19 @@ class SupportService:
                         parts.append(event.text)
                         yield event
                     else:
-                        done = await self._finish(conversation, "".join(parts), event, started)
-                        sources = cited_sources("".join(parts), grounded.passages)
-                        if isinstance(done, Finished) and sources is not None:
-                            yield sources
+                        record = AnswerRecord(
+                            secrets.token_hex(8), question, event.backend, user.id, time.time(),
+                            event.first_token_s, no_passage=choice.mode != "off" and not passages,
+                        )  # fmt: skip
+                        if record.no_passage:
+                            self._observer.no_passage(conversation.platform)
+                        text = "".join(parts)
+                        done = await self._finish(conversation, text, event, started, record)
+                        sources = cited_sources(text, grounded.passages)
+                        if isinstance(done, Finished):  # Finished stays the last event
+                            yield Answered(record.answer_id)
+                            if sources is not None:
+                                yield sources
                         yield done
                         return
         except NoBackendAvailable as exc:
@@ -283,7 +321,12 @@ class SupportService:
         return [hit.passage for hit in hits]
 
     async def _finish(
-        self, conversation: ConversationKey, text: str, done: Finished, started: float
+        self,
+        conversation: ConversationKey,
+        text: str,
+        done: Finished,
+        started: float,
+        record: AnswerRecord,
     ) -> Finished | Failure:
         answer = text.strip()
         if not answer:
@@ -294,7 +337,7 @@ class SupportService:
                 conversation.describe(),
                 reason="empty",
             )
-        await self.store.finish_turn(conversation, Message("assistant", answer))
+        await self.store.finish_turn(conversation, Message("assistant", answer), record)
         rate = None
         if done.first_token_s is not None:
             decoding_s = done.total_s - done.first_token_s
@@ -333,6 +376,50 @@ class SupportService:
         logger.error("[error_id=%s] " + log, error_id, *args)
         return Failure(f"{message} (error id: {error_id})", error_id, reason)
 
+    # -- feedback ---------------------------------------------------------------------------
+
+    async def feedback(self, key: ConversationKey, answer_id: str, user: User, vote: Vote) -> str:
+        """Record a 👍/👎 on an answer of the channel of `key`; the reply is for the voter only."""
+        try:
+            stored = await self.store.vote(key, answer_id, user.id, vote, time.time())
+        except StoreError as exc:
+            return self._fail(
+                "I couldn't reach my store, so your vote was not recorded. Please try again.",
+                "store error recording a vote in %s: %s",
+                key.describe(),
+                exc,
+                reason="redis",
+            ).message
+        if not stored:
+            logger.info("vote on unknown answer %s in %s", answer_id, key.describe())
+            return VOTE_GONE
+        logger.info("%s vote on answer %s in %s", vote, answer_id, key.describe())
+        self._observer.voted(key.platform, vote)
+        return VOTE_THANKS
+
+    # -- hand-off to a human ----------------------------------------------------------------
+
+    async def handoff(self, key: ConversationKey, answer_id: str) -> Handoff | None:
+        """Hand the thread of `key` (its channel where there are no threads: a Discord thread is
+        a channel) to a human, from one of its answers: the bot stays out of it
+        until `resolve()`. None, and nothing changed, when that answer is no longer stored.
+        Raises StoreError."""
+        record = await self.store.open_handoff(key, answer_id, _unit(key))
+        if record is None:
+            return None
+        logger.info("thread %s handed off to a human", key.describe())
+        self._observer.handed_off(key.platform)
+        conversation = key.scoped(self.scope)
+        history = await self.store.history(conversation)
+        summary = await summarise(self.llm, history, self.store.defaults)
+        return Handoff(record.question, record.asker, summary)
+
+    async def resolve(self, key: ConversationKey) -> bool:
+        """The human is done: the bot answers in the thread of `key` again. Raises StoreError."""
+        closed = await self.store.close_handoff(key, _unit(key))
+        logger.info("hand-off of %s resolved (%s)", key.describe(), "closed" if closed else "none")
+        return closed
+
     # -- /llm-settings --------------------------------------------------------------------
 
     async def settings(self, key: ConversationKey, user: User, args: str) -> str:
@@ -347,6 +434,11 @@ class SupportService:
                 exc,
                 reason="redis",
             ).message
+
+
+def _unit(key: ConversationKey) -> str:
+    """What a hand-off covers: the thread, or the channel where the platform has no threads."""
+    return key.thread or key.channel
 
 
 def _shortened_notice(conversation: ConversationKey, length: int) -> Failure:

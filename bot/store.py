@@ -31,7 +31,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from bot.conversation import ConversationKey, Message, StoreError, Turn
+from bot.conversation import AnswerRecord, ConversationKey, Message, StoreError, Turn, Vote
+from bot.reporting import AnswerRow, Where
 from bot.sampling import (
     KEYS,
     AuditEntry,
@@ -101,8 +102,26 @@ def turn_key(key: ConversationKey) -> str:
     return f"sb:{key.channel_tag}:turn{suffix}"
 
 
-def answered_key(key: ConversationKey) -> str:
-    return f"sb:{key.channel_tag}:answered:{key.thread}"
+def answered_key(key: ConversationKey, unit: str) -> str:
+    """Whom the bot last answered in a thread (or a channel without threads): follow-ups."""
+    return f"sb:{key.channel_tag}:answered:{unit}"
+
+
+def answer_key(key: ConversationKey, answer_id: str) -> str:
+    return f"sb:{key.channel_tag}:answer:{answer_id}"
+
+
+def votes_key(key: ConversationKey, answer_id: str) -> str:
+    return f"sb:{key.channel_tag}:answer:{answer_id}:votes"
+
+
+def questions_key(key: ConversationKey, hour: int) -> str:
+    """The channel's question count in one hour (`supportbot report`)."""
+    return f"sb:{key.channel_tag}:questions:{hour}"
+
+
+def handoff_key(key: ConversationKey, thread: str) -> str:
+    return f"sb:{key.channel_tag}:handoff:{thread}"
 
 
 def _instance_name() -> str:
@@ -122,6 +141,7 @@ class RedisStore:
         lease_s: float = DEFAULT_LEASE_S,
         owner: str | None = None,
         knowledge_defaults: KnowledgeChoice | None = None,
+        answer_ttl_s: int = 30 * 24 * 3600,
     ) -> None:
         self.redis = redis
         self._defaults = defaults
@@ -130,6 +150,7 @@ class RedisStore:
         self.max_messages = max_messages
         self.ttl_seconds = ttl_seconds
         self.claim_ttl_s = claim_ttl_s
+        self.answer_ttl_s = answer_ttl_s  # how long votes can still be given (and counted)
         self.lease_s = lease_s
         # Stored as a claim's value, so an operator can see which replica took an event.
         self.owner = owner or _instance_name()
@@ -152,24 +173,126 @@ class RedisStore:
     # -- turns ------------------------------------------------------------------------------
 
     @_store_errors
-    async def start_turn(self, key: ConversationKey, question: Message) -> Turn:
+    async def start_turn(
+        self,
+        key: ConversationKey,
+        question: Message,
+        thread: str | None = None,
+        asker: str | None = None,
+    ) -> Turn:
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.exists(handoff_key(key, thread or ""))
             pipe.hgetall(settings_key(key))
             self._queue_push(pipe, key, [question])
             pipe.lrange(history_key(key), 0, -1)
             # The knowledge base's versions ride along, so a process notices new documents
             # without another round trip (bot.knowledge.store).
             pipe.hgetall(KB_VERSIONS_KEY)
+            # For `supportbot report` and follow-ups, in the same round trip (and slot: the
+            # channel's tag): the question's hour count, and whom the bot answers in the thread.
+            counter = questions_key(key, int(time.time() // 3600))
+            pipe.hincrby(counter, "questions", 1)
+            pipe.expire(counter, self.answer_ttl_s)
+            if thread and asker:
+                pipe.set(answered_key(key, thread), asker, ex=self.ttl_seconds)
             results = await pipe.execute()
-        history = [Message.decode(item) for item in results[-2]]
-        versions = {_text(k) or "": int(v) for k, v in results[-1].items()}
-        return Turn(self._settings(results[0]), history[:-1], versions)
+        handed_off = bool(thread) and bool(results[0])
+        # exists, hgetall, (rpush, ltrim, expire), lrange, hgetall, …
+        settings, history_raw, versions_raw = results[1], results[5], results[6]
+        history = [Message.decode(item) for item in history_raw]
+        versions = {_text(k) or "": int(v) for k, v in versions_raw.items()}
+        if handed_off:  # a human has the thread: the question is not the bot's (rare: 2nd trip)
+            await self.redis.lrem(history_key(key), -1, question.encode())
+        return Turn(self._settings(settings), history[:-1], versions, handed_off)
 
     @_store_errors
-    async def finish_turn(self, key: ConversationKey, answer: Message) -> None:
+    async def open_handoff(
+        self, key: ConversationKey, answer_id: str, thread: str
+    ) -> AnswerRecord | None:
+        keys = [answer_key(key, answer_id), handoff_key(key, thread)]
+        raw = await self.redis.eval(_HANDOFF, 2, *keys, answer_id)
+        if not raw:
+            return None
+        question, backend, asker, at = (_text(v) or "" for v in raw)
+        return AnswerRecord(answer_id, question, backend, asker, float(at or 0))
+
+    @_store_errors
+    async def close_handoff(self, key: ConversationKey, thread: str) -> bool:
+        return bool(await self.redis.delete(handoff_key(key, thread)))
+
+    @_store_errors
+    async def finish_turn(
+        self, key: ConversationKey, answer: Message, record: AnswerRecord | None = None
+    ) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             self._queue_push(pipe, key, [answer])
+            if record is not None:  # same slot (the channel's tag): one round trip still
+                name = answer_key(key, record.answer_id)
+                pipe.hset(name, mapping={
+                    "question": record.question, "backend": record.backend,
+                    "asker": record.asker, "at": f"{record.at:.3f}",
+                    "thread": key.thread or "", "no_passage": int(record.no_passage),
+                    "first_token_s": "" if record.first_token_s is None
+                    else f"{record.first_token_s:.4f}",
+                })  # fmt: skip
+                pipe.expire(name, self.answer_ttl_s)
             await pipe.execute()
+
+    @_store_errors
+    async def vote(
+        self, key: ConversationKey, answer_id: str, user: str, vote: Vote, at: float
+    ) -> bool:
+        keys = [answer_key(key, answer_id), votes_key(key, answer_id)]
+        stored = await self.redis.eval(_VOTE, 2, *keys, user, f"{vote}:{at:.3f}")
+        return bool(stored)
+
+    @_store_errors
+    async def report_data(self, since: float) -> tuple[dict[Where, int], list[AnswerRow]]:
+        """Question counts (by the hour, from the hour of `since`) and the answers since then,
+        with their votes, of every channel. An operator's command: it scans the key space."""
+        questions: dict[Where, int] = {}
+        first_hour = int(since // 3600)
+        counters = [k async for k in self.redis.scan_iter(match="sb:{*}:questions:*", count=1000)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in counters:
+                pipe.hget(name, "questions")
+            counts = await pipe.execute()
+        for name, count in zip(counters, counts, strict=True):
+            where, hour = _where(name), int((_text(name) or "").rsplit(":", 1)[1])
+            if hour >= first_hour and count is not None:
+                questions[where] = questions.get(where, 0) + int(count)
+        names = [
+            k
+            async for k in self.redis.scan_iter(match="sb:{*}:answer:*", count=1000)
+            if not (_text(k) or "").endswith(":votes")
+        ]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(name)
+                pipe.hvals(f"{_text(name)}:votes")
+            raw = await pipe.execute()
+        rows = []
+        for name, record, votes in zip(names, raw[::2], raw[1::2], strict=True):
+            fields = {_text(k): _text(v) or "" for k, v in record.items()}
+            if not fields or float(fields.get("at") or 0) < since:
+                continue
+            cast_votes = [(_text(v) or "").split(":", 1)[0] for v in votes]
+            first = fields.get("first_token_s") or ""
+            rows.append(AnswerRow(
+                _where(name), fields.get("question", ""), fields.get("backend", ""),
+                float(fields["at"]), float(first) if first else None,
+                fields.get("no_passage") == "1", fields.get("handoff") == "1",
+                cast_votes.count("up"), cast_votes.count("down"),
+            ))  # fmt: skip
+        return questions, rows
+
+    @_store_errors
+    async def votes(self, key: ConversationKey, answer_id: str) -> dict[str, Vote]:
+        raw = await self.redis.hgetall(votes_key(key, answer_id))
+        return {
+            _text(user) or "": "up" if (_text(value) or "").startswith("up:") else "down"
+            for user, value in raw.items()
+        }
 
     @_store_errors
     async def withdraw(self, key: ConversationKey, question: Message) -> None:
@@ -375,13 +498,12 @@ class RedisStore:
         )  # fmt: skip
 
     @_store_errors
-    async def mark_answered(self, key: ConversationKey) -> None:
-        # As long as the thread's history lives.
-        await self.redis.set(answered_key(key), 1, ex=self.ttl_seconds)
-
-    @_store_errors
-    async def was_answered(self, key: ConversationKey) -> bool:
-        return bool(await self.redis.exists(answered_key(key)))
+    async def may_follow_up(self, key: ConversationKey, user: str) -> bool:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(answered_key(key, key.thread or key.channel))
+            pipe.exists(handoff_key(key, key.thread or key.channel))
+            asker, handed_off = await pipe.execute()
+        return _text(asker) == user and not handed_off
 
 
 # Lease scripts: touch a key only while it still holds our token (a lease that expired may
@@ -418,6 +540,26 @@ for _, key in ipairs(KEYS) do
 end
 return held
 """
+# A vote counts only while its answer is stored; the votes live as long as the answer.
+_VOTE = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 1
+"""
+# A hand-off starts from an answer still stored; it lasts as long as that answer's record.
+_HANDOFF = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  return false
+end
+redis.call('HSET', KEYS[1], 'handoff', 1)
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl)
+return redis.call('HMGET', KEYS[1], 'question', 'backend', 'asker', 'at')
+"""
 _COMPLETE = """
 for i, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[1] then
@@ -430,6 +572,13 @@ for i, key in ipairs(KEYS) do
 end
 return 0
 """
+
+
+def _where(name: bytes | str) -> Where:
+    """(platform, workspace, channel) from a key's hash tag."""
+    tag = (_text(name) or "").split("{", 1)[1].split("}", 1)[0]
+    platform, workspace, channel = tag.split(":", 2)
+    return platform, workspace, channel
 
 
 def _shown(value: SettingValue | None) -> str | None:

@@ -226,6 +226,7 @@ async def build(
         max_messages=settings.history_max_messages,
         ttl_seconds=settings.history_ttl_seconds,
         knowledge_defaults=KnowledgeChoice(settings.kb_mode, settings.kb_collection),
+        answer_ttl_s=settings.report_retention_days * 86400,
     )
     chain = llm
     try:

@@ -46,6 +46,21 @@ TOKENS_PER_S = Histogram(
     buckets=(5, 10, 20, 40, 80, 160, 320, 640, 1280),
     registry=REGISTRY,
 )
+VOTES = Counter(
+    "supportbot_votes",
+    "👍/👎 presses on answers (a changed vote counts again; the report counts the latest)",
+    ["platform", "vote"],
+    registry=REGISTRY,
+)
+HANDOFFS = Counter(
+    "supportbot_handoffs", "Conversations handed off to a human", ["platform"], registry=REGISTRY
+)
+NO_PASSAGE = Counter(
+    "supportbot_no_passage",
+    "Questions answered (or, in strict mode, declined) without a relevant passage",
+    ["platform"],
+    registry=REGISTRY,
+)
 ACTIVE = Gauge("supportbot_active_answers", "Answers being generated now", registry=REGISTRY)
 QUEUE_DEPTH = Gauge(
     "supportbot_engine_requests",
@@ -83,3 +98,12 @@ class PrometheusObserver:
 
     def active(self, change: int) -> None:
         ACTIVE.inc(change)
+
+    def voted(self, platform: str, vote: str) -> None:
+        VOTES.labels(platform, vote).inc()
+
+    def handed_off(self, platform: str) -> None:
+        HANDOFFS.labels(platform).inc()
+
+    def no_passage(self, platform: str) -> None:
+        NO_PASSAGE.labels(platform).inc()

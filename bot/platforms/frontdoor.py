@@ -34,7 +34,7 @@ from bot.conversation import ConversationKey, StoreError
 from bot.knowledge.cite import Sources
 from bot.llm.base import Delta
 from bot.ops import metrics
-from bot.service import AnswerEvent, Failure, SupportService, User, new_error_id
+from bot.service import Answered, AnswerEvent, Failure, SupportService, User, new_error_id
 
 logger = logging.getLogger(__name__)
 
@@ -270,8 +270,9 @@ class Sink(Protocol):
         """Show the text so far (best effort). False: not shown, and worth trying again."""
         ...
 
-    async def finish(self, text: str) -> None:
+    async def finish(self, text: str, answer_id: str | None = None) -> None:
         """Show the final text, retrying what is worth retrying; log what cannot be delivered.
+        With `answer_id` (a stored answer), the message carries the 👍/👎 controls for it.
         Raises only for a bug (the front door then tells the user with an error id)."""
         ...
 
@@ -302,6 +303,7 @@ class ProgressiveMessage:
         self._where = where
         self.text = ""
         self.notes: list[str] = []  # failures and notices, shown after the text
+        self.answer_id: str | None = None  # the stored answer's id: its controls carry it
         self._working: asyncio.Task[None] | None = None
         self._writing: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -330,7 +332,7 @@ class ProgressiveMessage:
                 return  # not admitted (a duplicate): nothing to say
             await asyncio.gather(*self._in_flight(), return_exceptions=True)
             try:
-                await self._sink.finish(self.final_text())
+                await self._sink.finish(self.final_text(), self.answer_id)
             except Exception as exc:
                 await self._sink.tell(
                     error_reply(
@@ -394,6 +396,8 @@ class ProgressiveMessage:
                     elif isinstance(event, Sources):
                         # Markdown links: Slack's sink renders them `<url|title>`, Discord masked.
                         self.notes.append(event.markdown())
+                    elif isinstance(event, Answered):
+                        self.answer_id = event.answer_id
             finally:
                 closer = getattr(events, "aclose", None)  # ends the turn now, also if cancelled
                 if closer is not None:

@@ -123,7 +123,7 @@ class _NullSink:
     async def show(self, text: str) -> bool:
         return True
 
-    async def finish(self, text: str) -> None:
+    async def finish(self, text: str, answer_id: str | None = None) -> None:
         pass
 
     async def tell(self, text: str) -> None:

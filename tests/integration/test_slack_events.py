@@ -217,11 +217,36 @@ async def test_thread_scope_follow_ups_continue_without_a_mention(
     assert user_messages(fake_openai) == ["my order is late", "it was #42"]
 
 
-async def test_channel_scope_ignores_follow_ups_without_a_mention(settings, fake_openai):
+@pytest.mark.parametrize("scope", ["channel", "thread"])
+async def test_only_the_askers_follow_ups_are_answered_without_a_mention(
+    settings, fake_slack, fake_openai, scope
+):
+    async with running_slack_app(settings(history_scope=scope)) as app:
+        await app.send_event(mention("<@U0BOT> q1", ts="1700.004000"))
+        await answered(fake_slack, "C0GENERAL", "1700.004000", "echo: q1")
+        # Someone else's chatter in the bot's thread is theirs.
+        await app.send_event(
+            message("me too", thread_ts="1700.004000", ts="1700.004100", user="U0BOB")
+        )
+        await app.send_event(message("follow-up", thread_ts="1700.004000", ts="1700.004200"))
+        await answered(fake_slack, "C0GENERAL", "1700.004000", "echo: follow-up")
+        await app.settle(3)
+    assert user_messages(fake_openai) == ["q1", "follow-up"]
+
+
+async def test_no_follow_up_is_answered_in_a_handed_off_thread(settings, fake_slack, fake_openai):
     async with running_slack_app(settings()) as app:
         await app.send_event(mention("<@U0BOT> q1", ts="1700.004000"))
-        await app.send_event(message("follow-up", thread_ts="1700.004000", ts="1700.004100"))
+        await answered(fake_slack, "C0GENERAL", "1700.004000", "echo: q1")
+        [answer] = fake_slack.thread("C0GENERAL", "1700.004000")
+        answer_id = next(b for b in answer.blocks if b["type"] == "actions")["elements"][0]["value"]
+        key = ConversationKey("slack", "T0TEST", "C0GENERAL", "1700.004000")
+        assert await app.runtime.service.store.open_handoff(key, answer_id, "1700.004000")
+        posted = len(fake_slack.calls_to("chat.postMessage", "chat.startStream"))
+        await app.send_event(message("follow-up", thread_ts="1700.004000", ts="1700.004200"))
         await app.settle(2)
+        # Silence: not even the note a mention gets; the human has the thread.
+        assert len(fake_slack.calls_to("chat.postMessage", "chat.startStream")) == posted
     assert user_messages(fake_openai) == ["q1"]
 
 

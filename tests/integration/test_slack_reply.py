@@ -202,4 +202,7 @@ async def test_a_stream_that_breaks_midway_is_finished_by_updates(
     assert texts == ["".join(SLOW_WORDS[:20]).strip()]
     [reply] = fake_slack.thread("C0GENERAL", THREAD)
     assert reply.via == "stream"
-    assert "markdown_text" in fake_slack.calls_to("chat.update")[-1].body
+    # Rewritten as markdown, as it began: the final one in a markdown block above the buttons.
+    final = fake_slack.calls_to("chat.update")[-1].body
+    assert final["blocks"][0] == {"type": "markdown", "text": texts[0]}
+    assert final["blocks"][-1]["type"] == "actions"

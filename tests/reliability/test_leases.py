@@ -42,7 +42,7 @@ class RecordingSink:
     async def show(self, text: str) -> bool:
         return True
 
-    async def finish(self, text: str) -> None:
+    async def finish(self, text: str, answer_id: str | None = None) -> None:
         self.finished.append(text)
 
     async def tell(self, text: str) -> None:

@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, cast
 
 import discord
 from discord import app_commands
 
 from bot.config import ConfigError, Settings
-from bot.conversation import ConversationKey
+from bot.conversation import ConversationKey, StoreError
+from bot.handoff import HANDOFF_GONE
 from bot.ops.health import Readiness
 from bot.platforms.discord.command import may_configure, settings_command
+from bot.platforms.discord.feedback import (
+    HANDOFF_PREFIX,
+    RESOLVED_PREFIX,
+    handoff_text,
+    parse,
+    resolved_control,
+)
 from bot.platforms.discord.sink import MESSAGE_LIMIT, ChannelPacer, DiscordSink
 from bot.platforms.frontdoor import FrontDoor, error_reply
 from bot.platforms.text import split_message
@@ -59,6 +67,7 @@ class SupportBot(discord.Client):
         service: SupportService,
         *,
         settings_role: str | None = None,
+        handoff_role: str | None = None,
         sync_guild_id: int | None = None,
         sync_commands: bool = True,
         edit_interval: float = 1.0,
@@ -77,6 +86,7 @@ class SupportBot(discord.Client):
         self.service = service
         self.door = FrontDoor(service, PLATFORM, drain_timeout_s=drain_timeout_s)
         self.settings_role = settings_role
+        self.handoff_role = handoff_role
         self._sync_guild_id = sync_guild_id
         self._sync_commands = sync_commands
         self._edit_interval = edit_interval
@@ -133,21 +143,38 @@ class SupportBot(discord.Client):
     # -- mentions and DMs --------------------------------------------------------------------
 
     async def on_message(self, message: discord.Message) -> None:
-        if self.door.accepting and self._wants_answer(message):
+        if not self.door.accepting or not self._from_a_person(message):
+            return
+        if self._wants_answer(message):
             self.door.start(self.answer(message), f"discord message {message.id}")
+        elif self._maybe_follow_up(message):
+            self.door.start(self.answer(message, follow_up=True), f"discord follow-up {message.id}")
 
-    def _wants_answer(self, message: discord.Message) -> bool:
+    def _from_a_person(self, message: discord.Message) -> bool:
         me = self.user
         if me is None or message.author.bot or message.author.id == me.id:
             return False
-        if message.webhook_id is not None or message.type not in _ANSWERED_TYPES:
-            return False
+        return message.webhook_id is None and message.type in _ANSWERED_TYPES
+
+    def _wants_answer(self, message: discord.Message) -> bool:
+        me = self.user
+        assert me is not None
         if message.guild is None:
             return isinstance(message.channel, discord.DMChannel)
         own_role = message.guild.self_role
         return any(user.id == me.id for user in message.mentions) or (
             own_role is not None and own_role in message.role_mentions
         )
+
+    def _maybe_follow_up(self, message: discord.Message) -> bool:
+        """A message without a mention in a thread, or a reply to the bot's message: answered
+        if the bot last answered its author in that channel (checked under the lock)."""
+        if message.guild is None:
+            return False
+        if isinstance(message.channel, discord.Thread):
+            return True
+        replied = message.reference.resolved if message.reference else None
+        return isinstance(replied, discord.Message) and replied.author == self.user
 
     def question(self, message: discord.Message) -> str:
         """The message text without the bot's mention (user `<@id>`/`<@!id>`, or its role)."""
@@ -158,7 +185,7 @@ class SupportBot(discord.Client):
             pattern += rf"|<@&{own_role.id}>"
         return re.sub(pattern, " ", message.content).strip()
 
-    async def answer(self, message: discord.Message) -> None:
+    async def answer(self, message: discord.Message, *, follow_up: bool = False) -> None:
         """Answer one message (an answer task: the service's lock is its first await)."""
         key = conversation_key(message.channel.id, message.guild.id if message.guild else None)
         user = User(id=message.author.mention, name=message.author.display_name)
@@ -166,11 +193,91 @@ class SupportBot(discord.Client):
         me = self.user
 
         async def admit() -> bool:
+            if follow_up and not await self._follow_up(key, user.id):
+                return False
             # Per bot user: two different bots mentioned in one message both answer.
             return me is None or await self.door.claim((f"{me.id}:{message.id}",), "message")
 
         await self.door.answer(
             key, user, self.question(message), sink, admit=admit, interval_s=self._edit_interval
+        )
+
+    async def _follow_up(self, key: ConversationKey, user: str) -> bool:
+        """Unknown while the store is down: stay out rather than join a human conversation."""
+        try:
+            return await self.service.store.may_follow_up(key, user)
+        except StoreError as exc:
+            logger.warning("not answering a follow-up in %s: the store is unreachable (%s)",
+                           key.describe(), exc)  # fmt: skip
+            return False
+
+    # -- 👍/👎 ------------------------------------------------------------------------------
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """A button of ours pressed (on any message, also one sent before a restart)."""
+        if interaction.type is not discord.InteractionType.component:
+            return
+        data = cast("dict[str, Any]", interaction.data or {})
+        custom_id = str(data.get("custom_id") or "")
+        if interaction.channel_id is None:
+            return
+        key = conversation_key(interaction.channel_id, interaction.guild_id)
+        try:
+            if (vote := parse(custom_id)) is not None:
+                text = await self.service.feedback(
+                    key, vote[1], User(id=interaction.user.mention), vote[0]
+                )
+            elif custom_id.startswith(HANDOFF_PREFIX):
+                await self._hand_off(interaction, key, custom_id.removeprefix(HANDOFF_PREFIX))
+                return
+            elif custom_id.startswith(RESOLVED_PREFIX):
+                await self.service.resolve(key)
+                await interaction.response.edit_message(
+                    content=f"✅ Resolved by {interaction.user.mention}. I'll answer here again.",
+                    view=None,
+                )
+                return
+            else:
+                return
+        except Exception as exc:
+            text = error_reply(
+                "Sorry, that didn't work. Please try again.",
+                "button %s in %s failed",
+                custom_id.split(":")[1],
+                key.describe(),
+                exc=exc,
+            )
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+
+    async def _hand_off(
+        self, interaction: discord.Interaction, key: ConversationKey, answer_id: str
+    ) -> None:
+        # The summary takes a model's time: past Discord's 3 s, so acknowledge first.
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        handoff = await self.service.handoff(key, answer_id)
+        if handoff is None:
+            await interaction.followup.send(HANDOFF_GONE, ephemeral=True)
+            return
+        channel = interaction.channel
+        assert isinstance(channel, discord.abc.Messageable)
+        text = handoff_text(
+            self.handoff_role, handoff.asker or interaction.user.mention, handoff.question,
+            handoff.summary,
+        )  # fmt: skip
+        view = resolved_control(interaction.channel_id or 0)
+        try:
+            await channel.send(
+                text,
+                view=view,
+                allowed_mentions=discord.AllowedMentions(roles=True, users=True),
+            )
+        finally:
+            view.stop()
+        await interaction.followup.send(
+            "I've asked a human to take over this conversation.", ephemeral=True
         )
 
     # -- /llm-settings ---------------------------------------------------------------------
@@ -232,6 +339,7 @@ def build_client(service: SupportService, settings: Settings, **options: Any) ->
     count, ids = shard_config(settings)
     common: dict[str, Any] = {
         "settings_role": settings.discord_settings_role,
+        "handoff_role": settings.discord_handoff_role,
         "sync_guild_id": settings.discord_guild_id,
         # One process syncs the commands: the one holding shard 0 (or the only one).
         "sync_commands": ids is None or 0 in ids,

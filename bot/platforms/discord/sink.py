@@ -16,10 +16,12 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Awaitable
 
 import aiohttp
 import discord
 
+from bot.platforms.discord.feedback import controls
 from bot.platforms.text import split_message
 
 logger = logging.getLogger(__name__)
@@ -140,13 +142,13 @@ class DiscordSink:
         self._failures = 0
         return True
 
-    async def finish(self, text: str) -> None:
+    async def finish(self, text: str, answer_id: str | None = None) -> None:
         await self._stop_typing()
         if not self._gave_up:
             for attempt in range(1, self._final_attempts + 1):
                 await self._pacer.turn(self._channel_id)
                 try:
-                    await self._render(displayable(text, final=True))
+                    await self._render(displayable(text, final=True), answer_id)
                     return
                 except Exception as exc:
                     delay = retry_delay(exc, attempt, self._retry_base)
@@ -185,15 +187,18 @@ class DiscordSink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._typing
 
-    async def _render(self, text: str) -> None:
-        """Make the messages show `text`, touching only the ones whose page changed."""
+    async def _render(self, text: str, answer_id: str | None = None) -> None:
+        """Make the messages show `text`, touching only the ones whose page changed; with
+        `answer_id`, the last page gets the vote buttons."""
         pages = split_message(text, self._limit)
         for index, page in enumerate(pages):
+            view = controls(answer_id) if answer_id and index == len(pages) - 1 else None
             if index == len(self.messages):
-                self.messages.append(await self._post(page, first=index == 0))
+                self.messages.append(await self._post(page, first=index == 0, view=view))
                 self._shown.append(page)
-            elif self._shown[index] != page:
-                self.messages[index] = await self.messages[index].edit(content=page)
+            elif self._shown[index] != page or view is not None:
+                edited = self.messages[index].edit(content=page, view=view)
+                self.messages[index] = await edited if view is None else await _once(edited, view)
                 self._shown[index] = page
         # A re-split can need fewer messages than before (rare: a block moved back).
         while len(self.messages) > max(len(pages), 1):
@@ -201,13 +206,15 @@ class DiscordSink:
             self.messages.pop()
             self._shown.pop()
 
-    async def _post(self, page: str, *, first: bool) -> discord.Message:
+    async def _post(
+        self, page: str, *, first: bool, view: discord.ui.View | None = None
+    ) -> discord.Message:
         channel = self._source.channel
-        if first:
-            # Still answer if the question was deleted meanwhile, just without the reply link.
-            reference = self._source.to_reference(fail_if_not_exists=False)
-            return await channel.send(page, reference=reference)
-        return await channel.send(page)
+        # Still answer if the question was deleted meanwhile, just without the reply link.
+        reference = self._source.to_reference(fail_if_not_exists=False) if first else None
+        if view is None:
+            return await channel.send(page, reference=reference)  # type: ignore[arg-type]
+        return await _once(channel.send(page, reference=reference, view=view), view)  # type: ignore[arg-type]
 
     def _log_retry(self, exc: Exception, delay: float) -> None:
         logger.warning(
@@ -226,6 +233,15 @@ class DiscordSink:
             # A bug rather than Discord refusing: keep the traceback.
             exc_info=None if isinstance(exc, discord.DiscordException) else exc,
         )
+
+
+async def _once(write: Awaitable[discord.Message], view: discord.ui.View) -> discord.Message:
+    """Send a message with the vote buttons, then forget the view (presses are handled by
+    custom id in the client's on_interaction, so no View needs to stay in memory)."""
+    try:
+        return await write
+    finally:
+        view.stop()
 
 
 def _describe(exc: BaseException) -> str:

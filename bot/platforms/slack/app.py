@@ -277,7 +277,10 @@ class SlackApp:
     ) -> SlackApp:
         port = settings.port if port is None else port
         tuning = tuning or Tuning(drain_timeout_s=settings.shutdown_grace_seconds)
-        bot = SlackBot(service, client, identity, admins=settings.slack_admin_ids, tuning=tuning)
+        bot = SlackBot(
+            service, client, identity, admins=settings.slack_admin_ids, tuning=tuning,
+            handoff_to=settings.slack_handoff_ids,
+        )  # fmt: skip
         if settings.slack_app_token is not None:
             app = bolt_app(bot, signing_secret=None)
             socket = SocketHandler(

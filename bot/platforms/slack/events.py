@@ -10,8 +10,9 @@ cannot let a later one overtake it.
 Which messages are questions:
 - `app_mention` in a channel: the mention's thread (its root, or the mention itself);
 - a direct message (`message.im`), no mention needed;
-- with HISTORY_SCOPE=thread, any message in a thread the bot has answered in (the thread is
-  recorded in the store when the bot answers there), mention or not.
+- a follow-up without a mention: a reply in a thread where the bot last answered that same
+  user (recorded in the store when the bot answers), unless the thread is handed off to a human.
+  Other people's chatter in the thread stays theirs.
 Never: messages from bots (this one included), edits, deletes and other subtypes.
 """
 
@@ -30,6 +31,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.conversation import ConversationKey, StoreError
 from bot.platforms.frontdoor import FrontDoor, error_reply, first_delivery
+from bot.platforms.slack.feedback import Feedback
 from bot.platforms.slack.mrkdwn import escape
 from bot.platforms.slack.sink import SLACK_TEXT_LIMIT, UPDATE_INTERVAL_S, Features, Place, SlackSink
 from bot.sampling import COMMAND
@@ -83,7 +85,9 @@ class SlackBot:
         *,
         admins: frozenset[str] = frozenset(),
         tuning: Tuning | None = None,
+        handoff_to: tuple[str, ...] = (),
     ) -> None:
+        self.handoff_to = handoff_to
         self.service = service
         self.client = client
         self.identity = identity
@@ -98,6 +102,7 @@ class SlackBot:
         app.event("app_mention")(self._on_app_mention)
         app.event("message")(self._on_message)
         app.command(COMMAND)(self._on_settings)
+        Feedback(self.service, PLATFORM, self.handoff_to).register(app)
 
     # --- listeners (run after bolt has acknowledged; nothing awaited before an answer starts) --
 
@@ -119,7 +124,7 @@ class SlackBot:
         if self._mention.search(str(event.get("text") or "")):
             return  # the app_mention event for this message answers it
         thread = event.get("thread_ts")
-        if self.service.scope == "thread" and thread and thread != event.get("ts"):
+        if thread and thread != event.get("ts"):
             self._start(self._question(body, request), follow_up=True)
 
     async def _on_settings(
@@ -191,26 +196,19 @@ class SlackBot:
         )
 
         async def admit() -> bool:  # under the conversation's lock
-            if follow_up and not await self._answered_in(key):
+            if follow_up and not await self._follow_up(key, question.user):
                 return False
-            if not await self.door.claim(question.claim_ids, question.kind, question.retry):
-                return False
-            if self.service.scope == "thread":
-                try:
-                    await self.service.store.mark_answered(key)
-                except StoreError as exc:  # the answer matters more; follow-ups may need a mention
-                    logger.warning("could not record thread %s: %s", key.describe(), exc)
-            return True
+            return await self.door.claim(question.claim_ids, question.kind, question.retry)
 
         await self.door.answer(
             key, user, question.text, sink, admit=admit, interval_s=self.tuning.update_interval_s
         )
 
-    async def _answered_in(self, key: ConversationKey) -> bool:
-        """Whether the bot answered in this thread. Unknown while the store is down: stay out of
-        it then, rather than post into a thread that may be a human conversation."""
+    async def _follow_up(self, key: ConversationKey, user: str) -> bool:
+        """Whether the bot last answered `user` in this thread (and no human has it). Unknown
+        while the store is down: stay out then, rather than post into a human conversation."""
         try:
-            return await self.service.store.was_answered(key)
+            return await self.service.store.may_follow_up(key, user)
         except StoreError as exc:
             logger.warning("not answering a follow-up in %s: the store is unreachable (%s)",
                            key.describe(), exc)  # fmt: skip

@@ -29,6 +29,7 @@ from slack_sdk.web.async_chat_stream import AsyncChatStream
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
+from bot.platforms.slack.feedback import controls, text_blocks
 from bot.platforms.slack.mrkdwn import defuse, to_mrkdwn
 from bot.platforms.text import split_message
 from bot.service import new_error_id
@@ -128,6 +129,8 @@ class SlackSink:
         self._messages: list[_Message] = []
         self._streaming = False
         self._placeholder: str | None = None
+        self._controls: dict[str, object] | None = None  # the final message's 👍/👎 block
+        self._last = -1  # index of the final message (the one the controls go on)
 
     def wait_s(self) -> float:
         return 0.0  # Slack's limit is per message: the front door's interval keeps to it
@@ -136,7 +139,8 @@ class SlackSink:
         await self._show(text, final=False)
         return True  # a failed live update is not retried: the next one catches up
 
-    async def finish(self, text: str) -> None:
+    async def finish(self, text: str, answer_id: str | None = None) -> None:
+        self._controls = controls(answer_id) if answer_id else None
         await self._show(text, final=True)
 
     async def tell(self, text: str) -> None:
@@ -180,6 +184,7 @@ class SlackSink:
 
     async def _show(self, text: str, *, final: bool) -> None:
         parts = split_message(text, self._limit)
+        self._last = len(parts) - 1 if final else -1
         for index, part in enumerate(parts):
             done = final or index < len(parts) - 1
             try:
@@ -232,7 +237,8 @@ class SlackSink:
         delta = part[len(message.shown) :]
         response = None
         if done:
-            response = await stream.stop(markdown_text=delta or None)
+            blocks = self._blocks_for(message, None)
+            response = await stream.stop(markdown_text=delta or None, blocks=blocks)
             message.stream = None
         elif delta:
             response = await stream.append(markdown_text=delta)
@@ -255,7 +261,8 @@ class SlackSink:
         """Post or rewrite a whole message (update mode, and corrections)."""
         view = defuse(part) if message.markdown else to_mrkdwn(part)
         view += "" if done else CURSOR
-        if view == message.shown:
+        blocks = self._blocks_for(message, view) if done else None
+        if view == message.shown and blocks is None:
             return
         place = self._place
         if message.ts is None:
@@ -263,15 +270,32 @@ class SlackSink:
                 channel=place.channel,
                 thread_ts=place.thread_ts,
                 text=view,
+                blocks=blocks,
                 unfurl_links=False,
                 unfurl_media=False,
             )
             message.ts = str(response["ts"])
+        elif blocks is not None:  # the text as blocks, with the controls under it
+            await self._client.chat_update(
+                channel=place.channel, ts=message.ts, text=view, blocks=blocks
+            )
         elif message.markdown:
             await self._client.chat_update(channel=place.channel, ts=message.ts, markdown_text=view)
         else:
             await self._client.chat_update(channel=place.channel, ts=message.ts, text=view)
         message.shown = view
+
+    def _blocks_for(self, message: _Message, view: str | None) -> list[dict[str, object]] | None:
+        """The blocks of the final message when it carries the controls, else None. `view`: the
+        whole text (a posted message); None for a stream, whose blocks follow its text."""
+        if self._controls is None or self._last < 0 or message is not self._at(self._last):
+            return None
+        if view is None:
+            return [self._controls]
+        return [*text_blocks(view, markdown=message.markdown), self._controls]
+
+    def _at(self, index: int) -> _Message | None:
+        return self._messages[index] if index < len(self._messages) else None
 
     async def _post_again(self, index: int, part: str, cause: BaseException) -> None:
         """The final text could not be put in its message: post it as a new one."""
@@ -280,10 +304,12 @@ class SlackSink:
             self._where(),
             slack_error(cause),
         )
-        fresh = _Message()
+        fresh, old = _Message(), self._messages[index]
+        self._messages[index] = fresh  # in its place first: the controls go on the final one
         try:
             await self._put(fresh, part, done=True)
         except DELIVERY_ERRORS as exc:
+            self._messages[index] = old
             logger.error(
                 "[error_id=%s] could not deliver an answer in %s: %s",
                 new_error_id(),
@@ -291,7 +317,6 @@ class SlackSink:
                 slack_error(exc),
             )
             return
-        self._messages[index] = fresh
 
     async def _drop_extra(self, keep: int) -> None:
         """Delete messages a moved split point left over (rare)."""
