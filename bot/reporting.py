@@ -197,8 +197,14 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
+NEEDS_COLUMNS = (
+    "score", "platform", "workspace", "channel", "question", "down", "handoffs", "no_passage",
+)  # fmt: skip
+
+
 def as_csv(report: Report) -> str:
-    """One row per channel (the per-backend counts as `backend=count;…`)."""
+    """Two tables separated by a blank line: one row per channel (the per-backend counts as
+    `backend=count;…`), then the questions that most need better documents."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -210,6 +216,13 @@ def as_csv(report: Report) -> str:
             "" if fig.first_token_p50_s is None else f"{fig.first_token_p50_s:.3f}",
             "" if fig.first_token_p95_s is None else f"{fig.first_token_p95_s:.3f}",
         ])  # fmt: skip
+    out.write("\n")
+    writer.writerow(NEEDS_COLUMNS)
+    for n in report.needs:
+        writer.writerow(
+            [n.score, n.platform, n.workspace, n.channel, n.question, n.down, n.handoffs,
+             n.no_passage]
+        )  # fmt: skip
     return out.getvalue()
 
 

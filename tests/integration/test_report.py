@@ -109,7 +109,11 @@ async def test_report_figures_equal_what_was_generated_in_all_three_formats(
     needs = data["needs_better_documents"]
     assert [n["question"] for n in needs] == NEEDS and {n["score"] for n in needs} == {1}
 
-    rows = list(csv.DictReader(io.StringIO(await render(redis_server, "csv", capsys))))
+    channels_csv, needs_csv = (await render(redis_server, "csv", capsys)).split("\n\n")
+    needs_rows = list(csv.DictReader(io.StringIO(needs_csv)))
+    assert [row["question"] for row in needs_rows] == NEEDS
+    assert {row["score"] for row in needs_rows} == {"1"}
+    rows = list(csv.DictReader(io.StringIO(channels_csv)))
     assert len(rows) == 2
     for row in rows:
         want = EXPECTED[(row["platform"], row["workspace"], row["channel"])]
