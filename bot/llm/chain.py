@@ -97,9 +97,6 @@ class CircuitBreaker:
             return "trial"
         return None
 
-    def allow(self) -> bool:
-        return self.acquire() is not None
-
     def release_trial(self) -> None:
         """The trial call did not test the backend (it was busy, or cancelled): let another
         one try."""
