@@ -119,6 +119,10 @@ class Settings(BaseSettings):
     # extension: on SIGTERM, how long answers in progress may finish before they are cut (with a
     # notice to the user); the deploy files stop the process only after this and some margin
     shutdown_grace_seconds: float = Field(default=20.0, gt=0, le=600)
+    # extension: an event's claim is a lease this long, renewed every third of it while the answer
+    # is produced; when a replica dies mid-answer, another answers the event's next delivery
+    # once it has run out (Slack re-delivers after about 1 min and 5 min)
+    event_lease_seconds: float = Field(default=30.0, ge=1, le=300)
 
     @field_validator("llm_temperature", "llm_top_k", "llm_top_p", "llm_do_sample")
     @classmethod

@@ -98,6 +98,9 @@ class Turn:
     # collection -> version of the knowledge base, read in the same round trip
     kb_versions: Mapping[str, int] = field(default_factory=dict)
     handed_off: bool = False  # a human has this thread: the question is withdrawn, not answered
+    # False: the question was the history's last message already (asked again after a failed
+    # answer, or re-delivered after a crash), so it was not stored twice
+    question_stored: bool = True
 
 
 Vote = Literal["up", "down"]
@@ -140,7 +143,8 @@ class Store(Protocol):
         asker: str | None = None,
     ) -> Turn:
         """Store the question and read the settings and the history before it: one round trip
-        (so a failed answer never loses the question). With `thread` (a thread, or a channel
+        (so a failed answer never loses the question; a question that is the history's last
+        message already is not stored again). With `thread` (a thread, or a channel
         where there are none), whether a human has it rides along, and with `asker` the thread
         remembers whom the bot answers there (their follow-ups need no mention)."""
         ...
@@ -178,7 +182,8 @@ class Store(Protocol):
         ...
 
     async def withdraw(self, key: ConversationKey, question: Message) -> None:
-        """Take back a question that was refused before any backend saw it."""
+        """Take back a question that was refused before any backend saw it (only one this turn
+        stored: `Turn.question_stored`)."""
         ...
 
     async def channel_settings(self, key: ConversationKey) -> ChannelSettings: ...
@@ -223,6 +228,16 @@ class Store(Protocol):
         conversation: ConversationKey | None = None,
     ) -> None:
         """The answer was delivered: no later delivery of the event is answered."""
+        ...
+
+    async def release(
+        self,
+        platform: str,
+        ids: Sequence[str],
+        token: str,
+        conversation: ConversationKey | None = None,
+    ) -> None:
+        """The answer was not delivered: let the event and the turn go before their lease ends."""
         ...
 
     async def may_follow_up(self, key: ConversationKey, user: str) -> bool:

@@ -227,8 +227,9 @@ class SupportService:
             prompt = grounded.prompt
         except PromptTooLong as exc:
             # Refused before any model saw it: it must not crowd out the history of later turns.
-            with contextlib.suppress(StoreError):
-                await self.store.withdraw(conversation, asked)
+            if turn.question_stored:
+                with contextlib.suppress(StoreError):
+                    await self.store.withdraw(conversation, asked)
             yield self._fail(
                 f"Your question is too long for the model ({exc.needed} tokens; "
                 f"{exc.budget} fit with room for the answer). Please shorten it "

@@ -1,8 +1,9 @@
 """RedisStore: everything the core keeps, in Redis, behind the `Store` interface.
 
 - History per conversation: a list of role/content JSON, bounded (HISTORY_MAX_MESSAGES) and
-  expiring after silence (HISTORY_TTL_SECONDS). A turn's start stores the question and reads the
-  settings and the history in one MULTI/EXEC round trip.
+  expiring after silence (HISTORY_TTL_SECONDS). A turn's start stores the question (once: not
+  again when it is the last message already) and reads the settings and the history in one
+  MULTI/EXEC round trip.
 - Channel settings: a hash of overrides (no expiry: they survive restarts and silence) and an
   audit list of changes.
 - Event claims (exactly-once across replicas, through crashes): a lease on every id of an
@@ -183,7 +184,8 @@ class RedisStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.exists(handoff_key(key, thread or ""))
             pipe.hgetall(settings_key(key))
-            self._queue_push(pipe, key, [question])
+            pipe.eval(_ASK, 1, history_key(key), question.encode(), self.max_messages,
+                      self.ttl_seconds)  # fmt: skip
             pipe.lrange(history_key(key), 0, -1)
             # The knowledge base's versions ride along, so a process notices new documents
             # without another round trip (bot.knowledge.store).
@@ -197,13 +199,13 @@ class RedisStore:
                 pipe.set(answered_key(key, thread), asker, ex=self.ttl_seconds)
             results = await pipe.execute()
         handed_off = bool(thread) and bool(results[0])
-        # exists, hgetall, (rpush, ltrim, expire), lrange, hgetall, …
-        settings, history_raw, versions_raw = results[1], results[5], results[6]
+        # exists, hgetall, eval, lrange, hgetall, …
+        settings, stored, history_raw, versions_raw = results[1:5]
         history = [Message.decode(item) for item in history_raw]
         versions = {_text(k) or "": int(v) for k, v in versions_raw.items()}
-        if handed_off:  # a human has the thread: the question is not the bot's (rare: 2nd trip)
+        if handed_off and stored:  # a human has the thread: not the bot's question (2nd trip)
             await self.redis.lrem(history_key(key), -1, question.encode())
-        return Turn(self._settings(settings), history[:-1], versions, handed_off)
+        return Turn(self._settings(settings), history[:-1], versions, handed_off, bool(stored))
 
     @_store_errors
     async def open_handoff(
@@ -498,6 +500,20 @@ class RedisStore:
         )  # fmt: skip
 
     @_store_errors
+    async def release(
+        self,
+        platform: str,
+        ids: Sequence[str],
+        token: str,
+        conversation: ConversationKey | None = None,
+    ) -> None:
+        """The answer was not delivered (cut at shutdown): the event's lease and the turn are
+        let go now, not when they expire. One round trip."""
+        keys = [claim_key(platform, event_id) for event_id in ids]
+        turn = [turn_key(conversation)] if conversation is not None else []
+        await self.redis.eval(_COMPLETE, len(keys) + len(turn), *keys, *turn, token, "", 0, 0)
+
+    @_store_errors
     async def may_follow_up(self, key: ConversationKey, user: str) -> bool:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(answered_key(key, key.thread or key.channel))
@@ -506,6 +522,18 @@ class RedisStore:
         return _text(asker) == user and not handed_off
 
 
+# A question joins its history unless it is the history's last message already: asked again
+# after its answer failed, or re-delivered after the replica answering it died, it is kept once.
+_ASK = """
+if redis.call('LINDEX', KEYS[1], -1) == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return 0
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
 # Lease scripts: touch a key only while it still holds our token (a lease that expired may
 # already be another replica's).
 # Claim: all of the event's keys or none (a copy racing with another cannot split them), and
@@ -560,6 +588,7 @@ redis.call('HSET', KEYS[1], 'handoff', 1)
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl)
 return redis.call('HMGET', KEYS[1], 'question', 'backend', 'asker', 'at')
 """
+# Complete (ARGV[4] event keys become done marks, the rest are deleted) and release (none).
 _COMPLETE = """
 for i, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[1] then

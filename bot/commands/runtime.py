@@ -227,6 +227,7 @@ async def build(
         ttl_seconds=settings.history_ttl_seconds,
         knowledge_defaults=KnowledgeChoice(settings.kb_mode, settings.kb_collection),
         answer_ttl_s=settings.report_retention_days * 86400,
+        lease_s=settings.event_lease_seconds,
     )
     chain = llm
     try:

@@ -45,6 +45,7 @@ CUT_NOTICE = (
     "Please ask again in a minute."
 )
 CUT_WRITE_S = 5.0  # how long closing a cut answer's message may take during shutdown
+LEASE_WRITE_S = 2.0  # how long marking an event done (or letting it go) may take
 Admit = Callable[[], Awaitable[bool]]
 T = TypeVar("T")
 
@@ -205,23 +206,33 @@ class FrontDoor:
 
         task = asyncio.current_task()
         self._asking[task] = key.scoped(self.service.scope)
+        delivered = False
         try:
             await message.deliver(self.service.ask(key, user, text, admit=admitted))
+            delivered = True
         finally:
             del self._asking[task]
             lease = self._leases.pop(task, None)
             if lease is not None:
                 lease.renewer.cancel()
-        # Delivered (not cancelled): the event is done. A replica that dies before this line
-        # leaves only a lease, which expires, and the next delivery is answered elsewhere.
-        if lease is not None:
-            try:
-                await self.service.store.complete(
-                    self.platform, lease.ids, lease.token, lease.conversation
-                )
-            except StoreError as exc:
-                logger.warning("could not mark %s event %s done (%s); its lease will expire",
-                               self.platform, lease.ids[0], exc)  # fmt: skip
+                await self._settle(lease, delivered)
+
+    async def _settle(self, lease: _Lease, delivered: bool) -> None:
+        """Delivered: the event is done (a done mark). Not delivered (cut at shutdown, a bug):
+        the event and the conversation's turn are let go now rather than when the lease runs
+        out, so the channel's next question, on any replica, need not wait. A replica that dies
+        before this leaves only the lease, which expires; the next delivery is answered then."""
+        store = self.service.store
+        try:
+            async with asyncio.timeout(LEASE_WRITE_S):
+                if delivered:
+                    await store.complete(self.platform, lease.ids, lease.token, lease.conversation)
+                else:
+                    await store.release(self.platform, lease.ids, lease.token, lease.conversation)
+        except (StoreError, TimeoutError) as exc:
+            logger.warning("could not %s %s event %s (%s); its lease will expire",
+                           "mark done" if delivered else "let go of", self.platform,
+                           lease.ids[0], exc or "timed out")  # fmt: skip
 
     def _hold(self, ids: tuple[str, ...], token: str, conversation: ConversationKey | None) -> None:
         """Keep the lease this answer task won, renewed until `answer()` ends."""

@@ -3,6 +3,7 @@ with Slack's Web API and GPT faked on 127.0.0.1 and the tests' real Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from redis.asyncio import Redis
 from bot.conversation import ConversationKey, Message
 from bot.ops.redis_server import free_port
 from bot.platforms.frontdoor import CUT_WRITE_S
-from bot.store import history_key
+from bot.store import claim_key, history_key
 from tests.conftest import repo_root
 from tests.fixtures.fake_openai import FakeOpenAI
 from tests.fixtures.fake_slack import (
@@ -351,3 +352,65 @@ def test_refuses_to_start_when_no_backend_can_answer(env):
     lines = [line for line in err.splitlines() if line.startswith("supportbot:")]
     assert len(lines) == 1 and "no backend can answer" in lines[0]
     assert "OPENAI_API_KEY" in lines[0] and "Traceback" not in err
+
+
+# Two replicas over one Redis, as `supportbot slack` processes: one is killed with SIGKILL in the
+# middle of an answer (no clean-up of any kind), and Slack's re-delivery of that event to the
+# other is answered there, exactly once, with the conversation's history intact.
+
+
+async def test_an_event_whose_replica_was_sigkilled_mid_answer_is_answered_once_by_another(
+    env, fake_slack, fake_openai, redis: Redis
+):
+    words = [f"w{i} " for i in range(40)]
+    fake_openai.answer("".join(words), chunks=words, chunk_delay_s=0.25)  # ~10 s: A never ends
+    env["EVENT_LEASE_SECONDS"] = "3"
+    a_env, b_env = env, {**env, "PORT": str(free_port())}
+    a, b = start(a_env), start(b_env)
+    a_url, b_url = (f"http://127.0.0.1:{e['PORT']}" for e in (a_env, b_env))
+    try:
+        wait_until_up(a, a_url)
+        wait_until_up(b, b_url)
+        event = mention("<@U0BOT> will you finish?", ts="2000.000100")
+        body = json.dumps(event_body(event, event_id="Ev2000"))
+        headers = {"Content-Type": "application/json", **sign(body)}
+        assert post(a_url, body, headers) == 200
+        fake_slack.wait_for(lambda: fake_slack.thread("C0GENERAL", "2000.000100"), timeout_s=20)
+        fake_slack.wait_for(lambda: "w3" in fake_slack.texts("C0GENERAL", "2000.000100")[0])
+        a.kill()  # SIGKILL mid-answer: no renewal, no done mark, no withdrawal
+        a.communicate(timeout=10)
+
+        # The lease A left behind still runs (3 s, renewed each second): a copy now is taken.
+        claim = claim_key("slack", "Ev2000")
+        lease_ms = await redis.pttl(claim)
+        if lease_ms > 1000:
+            assert post(b_url, body, {**headers, "X-Slack-Retry-Num": "1"}) == 200
+        deadline = time.monotonic() + 10
+        while await redis.exists(claim) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        fake_openai.answer("the whole answer")
+        assert post(b_url, body, {**headers, "X-Slack-Retry-Num": "2"}) == 200
+        fake_slack.wait_for(
+            lambda: "the whole answer" in fake_slack.texts("C0GENERAL", "2000.000100"),
+            timeout_s=20,
+        )
+        # Later copies, to B or to a restarted A, are duplicates of an answered event.
+        assert post(b_url, body, {**headers, "X-Slack-Retry-Num": "3"}) == 200
+        a = start(a_env)
+        wait_until_up(a, a_url)
+        assert post(a_url, body, {**headers, "X-Slack-Retry-Num": "3"}) == 200
+        time.sleep(1.0)
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    thread = fake_slack.texts("C0GENERAL", "2000.000100")
+    assert thread.count("the whole answer") == 1, thread  # answered once, by B
+    assert len(thread) == 2 and thread[0].startswith("w0 w1 w2 w3")  # and A's half, left as is
+    assert len(fake_openai.chat_requests) == 2  # A's and B's: the copies asked nothing
+    key = ConversationKey("slack", TEAM, "C0GENERAL")
+    assert [Message.decode(raw) for raw in await redis.lrange(history_key(key), 0, -1)] == [
+        Message("user", "will you finish?"),
+        Message("assistant", "the whole answer"),
+    ]

@@ -145,3 +145,22 @@ async def test_change_returns_what_is_stored(redis):
     changed = await store.change_settings(KEY, "U1", {"temperature": 0.2})
     assert changed == await store.channel_settings(KEY)
     assert changed.overrides == {"top_k": 3, "temperature": 0.2}
+
+
+async def test_a_question_asked_again_after_a_failed_answer_is_stored_once(redis):
+    """The same question again with nothing after it (its answer failed, or the replica answering
+    it died and the event was re-delivered): stored once; a different question is stored."""
+    store = make_store(redis)
+    await store.append(KEY, Message("user", "q0"), Message("assistant", "a0"))
+    first = await store.start_turn(KEY, Message("user", "again?"))
+    second = await store.start_turn(KEY, Message("user", "again?"))
+    assert first.question_stored and not second.question_stored
+    assert first.history == second.history == [Message("user", "q0"), Message("assistant", "a0")]
+    other = await store.start_turn(KEY, Message("user", "something else"))
+    assert other.question_stored
+    assert await store.history(KEY) == [
+        Message("user", "q0"),
+        Message("assistant", "a0"),
+        Message("user", "again?"),
+        Message("user", "something else"),
+    ]

@@ -1,9 +1,11 @@
 """Exactly-once across replicas, through crashes: two replicas (a FrontDoor and a SupportService
 each, over one real Redis) sharing events. A claim is a lease renewed while the answer is
 produced and marked done once delivered; a replica that dies mid-answer (its answer task
-cancelled, its lease left to expire) leaves the event to the next delivery, which the other
-replica answers exactly once. A conversation's turns are leased too, so two replicas taking
-alternating turns of one channel store its history in order."""
+cancelled and nothing more written, its lease left to expire) leaves the event to the next
+delivery, which the other replica answers exactly once (tests/e2e/test_slack_cli.py does it with
+SIGKILLed processes). An answer cut at shutdown lets its event and turn go at once. A
+conversation's turns are leased too, so two replicas taking alternating turns of one channel
+store its history in order."""
 
 from __future__ import annotations
 
@@ -84,6 +86,18 @@ async def replica(redis: Redis, backend: ScriptedLLM) -> Replica:
     return Replica(FrontDoor(service, "slack", drain_timeout_s=1.0), backend)
 
 
+async def crash(replica: Replica, task: asyncio.Task[None]) -> None:
+    """The replica dies mid-answer: nothing it would write on the way out reaches Redis."""
+
+    async def nothing(*args: object, **kwargs: object) -> None:
+        return None
+
+    replica.service.store.complete = nothing  # type: ignore[method-assign]
+    replica.service.store.release = nothing  # type: ignore[method-assign]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 async def wait_until(predicate: Callable[[], object], timeout_s: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not predicate():
@@ -104,8 +118,7 @@ async def test_an_event_whose_replica_died_mid_answer_is_answered_once_by_anothe
     await b.deliver("Ev1", "q1")
     assert b.sink.finished == [] and b.backend.calls == []
 
-    dying.cancel()  # A dies: no renewal, no done mark; its lease runs out
-    await asyncio.gather(dying, return_exceptions=True)
+    await crash(a, dying)  # A dies: no renewal, no done mark; its lease runs out
     token = await redis.get(claim_key("slack", "Ev1"))
     assert isinstance(token, bytes) and not token.startswith(b"done:")  # a lease, not a done mark
     await asyncio.sleep(LEASE_S + 0.2)
@@ -161,9 +174,23 @@ async def test_a_turn_held_by_a_dead_replica_passes_on_when_its_lease_expires(
     b = await replica(redis, ScriptedLLM(label="b"))
     dying = a.deliver("E1", "q1")
     await wait_until(lambda: a.backend.calls)
-    dying.cancel()
-    await asyncio.gather(dying, return_exceptions=True)
+    await crash(a, dying)
     began = asyncio.get_running_loop().time()
     await b.deliver("E2", "q2")  # waits for A's turn lease to run out, then answers
     assert b.sink.finished == ["echo: q2"]
     assert asyncio.get_running_loop().time() - began < lease_s + 1.0
+
+
+async def test_an_answer_cut_at_shutdown_lets_its_turn_and_event_go_at_once(redis: Redis) -> None:
+    a = await replica(redis, ScriptedLLM(label="a", hang_s=60))
+    b = await replica(redis, ScriptedLLM(label="b"))
+    a.deliver("E1", "q1")
+    await wait_until(lambda: a.backend.calls)
+    await a.door.drain(timeout_s=0.05)  # SIGTERM with a grace period shorter than the answer
+    assert await redis.exists(claim_key("slack", "E1")) == 0  # let go, not left to expire
+    began = asyncio.get_running_loop().time()
+    await b.deliver("E2", "q2")  # the channel's next question does not wait for A's lease
+    assert asyncio.get_running_loop().time() - began < LEASE_S / 2
+    assert b.sink.finished == ["echo: q2"]
+    await b.deliver("E1", "q1")  # and a re-delivery of the cut event is answered
+    assert b.sink.finished == ["echo: q2", "echo: q1"]

@@ -52,6 +52,9 @@ def test_env_and_dotenv_are_read(monkeypatch, tmp_path):
         ("LLM_TOP_K", "0", "a whole number from 1 to 1000"),
         ("OPENAI_BASE_URL", "ftp://x", "http:// or https://"),
         ("HISTORY_MAX_MESSAGES", "1", "greater than or equal to 2"),
+        ("SHUTDOWN_GRACE_SECONDS", "0", "greater than 0"),
+        ("EVENT_LEASE_SECONDS", "0.5", "greater than or equal to 1"),
+        ("EVENT_LEASE_SECONDS", "soon", "valid number"),
     ],
 )
 def test_invalid_value_is_one_line_naming_the_variable(monkeypatch, name, value, needle):
