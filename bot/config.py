@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     llm_timeout_seconds: float = Field(default=60.0, gt=0)  # extension: wait for first text
     # extension: "batching" serves every channel at once; "simple" is one at a time (debugging)
     llm_engine: Literal["batching", "simple"] = "batching"
+    # extension: the batching engine's attention on a GPU (bot/llm/attention.py): auto = flash
+    # when installed or pre-fetched, flash = may also fetch the kernel from the Hub, sdpa = never
+    llm_attention: Literal["auto", "flash", "sdpa"] = "auto"
     llm_max_queue: int = Field(default=64, ge=1)  # extension: questions in the engine at once
     # extension: a question past LLM_MAX_QUEUE goes to GPT ("gpt") or is told to wait ("tell")
     llm_overflow: Literal["gpt", "tell"] = "gpt"

@@ -163,7 +163,10 @@ def build_local(settings: Settings, engine: str | None = None) -> BatchingEngine
     if (engine or settings.llm_engine) == "simple":
         return SimpleEngine(loader, first_token_timeout_s=settings.llm_timeout_seconds)
     return BatchingEngine(
-        loader, max_in_flight=settings.llm_max_queue, warmup_timeout_s=settings.llm_timeout_seconds
+        loader,
+        max_in_flight=settings.llm_max_queue,
+        warmup_timeout_s=settings.llm_timeout_seconds,
+        attention=settings.llm_attention,
     )
 
 

@@ -30,6 +30,7 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from bot.llm.attention import AttentionMode
 from bot.llm.base import (
     BackendBusy,
     BackendFailed,
@@ -170,7 +171,12 @@ class BatchingEngine:
     """
 
     def __init__(
-        self, loader: Loader, *, max_in_flight: int = 64, warmup_timeout_s: float = 60.0
+        self,
+        loader: Loader,
+        *,
+        max_in_flight: int = 64,
+        warmup_timeout_s: float = 60.0,
+        attention: AttentionMode = "auto",
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -179,6 +185,7 @@ class BatchingEngine:
         self._loader = loader
         self.max_in_flight = max_in_flight
         self._warmup_timeout_s = warmup_timeout_s
+        self._attention: AttentionMode = attention
         self._loaded: LoadedModel | None = None
         self._manager: Any = None
         self._in_flight = 0
@@ -231,7 +238,9 @@ class BatchingEngine:
                 return
             began = time.monotonic()
             try:
-                self._manager = await asyncio.to_thread(self._start_manager, self._loaded)
+                self._manager = await asyncio.to_thread(
+                    self._start_manager, self._loaded, self._attention
+                )
             except Exception as exc:
                 raise BackendUnavailable(
                     f"{self.name}: the batching engine could not start: {type(exc).__name__}: {exc}"
@@ -250,10 +259,11 @@ class BatchingEngine:
                 ) from None
 
     @staticmethod
-    def _start_manager(loaded: LoadedModel) -> Any:
+    def _start_manager(loaded: LoadedModel, attention: AttentionMode) -> Any:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+        from bot.llm.attention import choose
         from bot.llm.sampler import RequestSampler
 
         on_gpu = loaded.device.startswith("cuda")
@@ -266,16 +276,18 @@ class BatchingEngine:
             pad_token_id=loaded.pad_token_id,
         )
         # On a GPU the cache is sized from free memory, and CUDA graphs and async batching are
-        # chosen by transformers (they need a flash attention path). On a CPU a small fixed
-        # cache keeps start-up quick, and steps run one after another, which RequestSampler's
-        # host-side shortcuts rely on.
+        # chosen by transformers (they need a flash attention path, which `choose` sets when it
+        # can; transformers' own switch is off because it may download code). On a CPU a small
+        # fixed cache keeps start-up quick, and steps run one after another, which
+        # RequestSampler's host-side shortcuts rely on.
         sizing: dict[str, Any] = (
             {}
             if on_gpu
             else {"num_blocks": 64, "max_batch_tokens": 512, "use_async_batching": False}
         )
-        config = ContinuousBatchingConfig(**sizing)
+        config = ContinuousBatchingConfig(auto_switch_to_flash=False, **sizing)
         model: Any = loaded.model
+        choose(model, loaded.device, attention)
         manager = model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=config
         )

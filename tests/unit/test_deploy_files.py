@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,6 +45,7 @@ THIRD_PARTY = {
     "PYTHONDONTWRITEBYTECODE",  # a read-only root filesystem in Kubernetes
     "HF_HOME",  # the Hugging Face cache, on a volume
     "NVIDIA_DRIVER_CAPABILITIES",  # what the NVIDIA Container Toolkit mounts
+    "LOCAL_KERNELS",  # the `kernels` package: the flash kernels pre-fetched into the image
 }
 # Beyond SHUTDOWN_GRACE_SECONDS, the longest the bot may take to stop after SIGTERM: closing cut
 # answers with their notice, closing the HTTP server or the Discord gateway, and a margin for
@@ -136,6 +138,26 @@ def test_dockerfile_env_port_and_volumes_match_the_settings(monkeypatch: pytest.
     volumes = json.loads(final_stage()["VOLUME"][0])
     assert env["HF_HOME"] in volumes and env["DATA_DIR"] in volumes
     settings_from(monkeypatch, {k: v for k, v in env.items() if k in SETTINGS})
+
+
+def test_dockerfile_pre_fetches_the_flash_kernels_that_local_kernels_names():
+    """What the builder fetches (`python -m bot.llm.attention prefetch DIR`) is where the image's
+    LOCAL_KERNELS points, for every flash implementation the engine tries (bot.llm.attention)."""
+    from bot.llm.attention import KERNEL_REPOS, local_kernels
+
+    builder = " ".join(args for _, args in dockerfile_stages()[0])
+    prefetch = re.search(r"python -m bot\.llm\.attention prefetch (\S+)", builder)
+    assert prefetch and '"/src[gpu]"' in builder
+    target = Path(prefetch.group(1))
+    entries = dict(e.split("=", 1) for e in image_env()["LOCAL_KERNELS"].split(":"))
+    assert set(entries) == set(KERNEL_REPOS.values())
+    for repo, path in entries.items():
+        assert Path(path) == target / repo.split("/", 1)[1]
+    assert any(args == f"--from=builder {target} {target}" for args in final_stage()["COPY"])
+    # The format is the one bot.llm.attention reads (and the `kernels` package parses).
+    assert local_kernels({"LOCAL_KERNELS": image_env()["LOCAL_KERNELS"]}) == {}  # not here
+    pyproject = (repo_root() / "pyproject.toml").read_text()
+    assert re.search(r'^gpu = \["kernels', pyproject, re.M)
 
 
 async def test_dockerfile_healthcheck_passes_against_the_bots_health_server():
