@@ -14,7 +14,8 @@ LLM_ATTENTION (an extension) says what the engine may use on CUDA: `auto` (the d
 flash when it is on this machine already (a package, or a kernel LOCAL_KERNELS names); `flash`
 also lets `kernels` fetch the kernel from the Hub at start (the operator opts in to downloaded
 code); `sdpa` never uses flash. When flash is wanted and cannot be had, the engine runs sdpa
-and one warning line says why and what to do. On a CPU the engine always runs sdpa.
+and one warning line says why and what to do. On a CPU the engine runs sdpa one request at a
+time within each step (bot/llm/cpu_attention.py), whatever LLM_ATTENTION says.
 """
 
 from __future__ import annotations
@@ -80,11 +81,19 @@ def candidates(
 def choose(model: Any, device: str, mode: AttentionMode) -> str:
     """Set the model's attention for continuous batching on `device`; returns what it runs.
 
-    On CUDA, tries each flash candidate and keeps the first that loads; when flash was possible
-    in principle but none loaded (or none is installed), says so in one warning line.
+    On a CPU, sdpa runs per request (bot.llm.cpu_attention). On CUDA, tries each flash candidate
+    and keeps the first that loads; when none does (or none is installed), one warning line says
+    so and the model keeps its attention.
     """
     current = str(model.config._attn_implementation)
-    if not device.startswith("cuda") or mode == "sdpa":
+    if not device.startswith("cuda"):
+        if current != "sdpa":
+            return current
+        from bot.llm.cpu_attention import use_per_request_attention
+
+        use_per_request_attention(model)
+        return "sdpa, per request"
+    if mode == "sdpa":
         return current
     packages = {p for p in ("flash_attn", "flash_attn_interface") if _installed(p)}
     found = candidates(

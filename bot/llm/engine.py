@@ -287,7 +287,7 @@ class BatchingEngine:
         )
         config = ContinuousBatchingConfig(auto_switch_to_flash=False, **sizing)
         model: Any = loaded.model
-        choose(model, loaded.device, attention)
+        path = choose(model, loaded.device, attention)
         manager = model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=config
         )
@@ -298,11 +298,8 @@ class BatchingEngine:
             manager.warmup()  # capture CUDA graphs now, if transformers chose them
         manager.start()
         varlen, decode = manager.continuous_batching_config.cuda_graph_booleans
-        logger.info(
-            "batching engine: attention %s, CUDA graphs %s",
-            model.config._attn_implementation,
-            "on" if varlen or decode else "off",
-        )
+        graphs = "on" if varlen or decode else "off"
+        logger.info("batching engine: attention %s, CUDA graphs %s", path, graphs)
         return manager
 
     async def stream(

@@ -92,6 +92,23 @@ async def test_greedy_channel_equals_greedy_decoding_beside_a_sampling_channel(
     assert hot1 != expected or hot2 != expected  # sampling really sampled beside the greedy run
 
 
+async def test_long_prompts_prefilled_in_chunks_beside_short_ones_equal_greedy_decoding(
+    engine, tiny_exaone_dir
+):
+    """Prompts longer than a CPU step's 512 tokens are prefilled in chunks, each later chunk
+    attending to the keys before it (bot.llm.cpu_attention's end-aligned causal case) while
+    other requests decode in the same steps: every answer still equals `generate`'s."""
+    long_a = [MESSAGES[0], {"role": "user", "content": "배송 " * 150 + "When?"}]
+    long_b = [MESSAGES[0], {"role": "user", "content": "Where is my order? " * 60}]
+    prompts = [long_a, MESSAGES, long_b, MESSAGES]
+    lengths = [len((await encoded(engine, m)).ids or []) for m in (long_a, long_b)]
+    assert min(lengths) > 512 and max(lengths) < 2048, lengths
+    expected = [reference_greedy(tiny_exaone_dir, m, 16)[1] for m in prompts]
+    sampling = SamplingSettings(do_sample=False, max_new_tokens=16)
+    results = await asyncio.gather(*(collect(engine, sampling, m) for m in prompts))
+    assert [text for text, _ in results] == expected
+
+
 async def test_streamed_text_equals_the_decoded_answer(engine, tiny_exaone_dir):
     _, expected = reference_greedy(tiny_exaone_dir, MESSAGES, 40)
     text, _ = await collect(engine, SamplingSettings(do_sample=False, max_new_tokens=40))

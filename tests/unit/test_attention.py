@@ -58,10 +58,10 @@ def tiny_model():
 
 
 @pytest.mark.slow
-def test_on_a_cpu_the_model_is_left_as_it_is(caplog):
+def test_on_a_cpu_sdpa_runs_per_request_whatever_the_mode(caplog):
     model = tiny_model()
     with caplog.at_level(logging.INFO, logger="bot.llm.attention"):
-        assert choose(model, "cpu", "flash") == "sdpa"
+        assert choose(model, "cpu", "flash") == "sdpa, per request"
     assert model.config._attn_implementation == "sdpa" and caplog.records == []
 
 
