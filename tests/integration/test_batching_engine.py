@@ -98,8 +98,8 @@ async def test_long_prompts_prefilled_in_chunks_beside_short_ones_equal_greedy_d
     """Prompts longer than a CPU step's 512 tokens are prefilled in chunks, each later chunk
     attending to the keys before it (bot.llm.cpu_attention's end-aligned causal case) while
     other requests decode in the same steps: every answer still equals `generate`'s."""
-    long_a = [MESSAGES[0], {"role": "user", "content": "배송 " * 150 + "When?"}]
-    long_b = [MESSAGES[0], {"role": "user", "content": "Where is my order? " * 60}]
+    long_a: list[ChatMessage] = [MESSAGES[0], {"role": "user", "content": "배송 " * 150 + "?"}]
+    long_b: list[ChatMessage] = [MESSAGES[0], {"role": "user", "content": "Where? " * 180}]
     prompts = [long_a, MESSAGES, long_b, MESSAGES]
     lengths = [len((await encoded(engine, m)).ids or []) for m in (long_a, long_b)]
     assert min(lengths) > 512 and max(lengths) < 2048, lengths

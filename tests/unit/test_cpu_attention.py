@@ -51,8 +51,13 @@ def test_unmarked_modules_and_calls_without_packed_lengths_keep_transformers_sdp
     cpu_attention.use_per_request_attention(marked)
     cpu_attention.use_per_request_attention(marked)  # twice: still one layer in front
     calls = []
+
+    def transformers_sdpa(module, *args, **kwargs):
+        calls.append(module)
+        return "transformers"
+
     original = cpu_attention._original
-    cpu_attention._original = lambda module, *a, **k: calls.append(module) or "transformers"
+    cpu_attention._original = transformers_sdpa
     try:
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
         assert sdpa(other, cu_seq_lens_q=None) == "transformers"
