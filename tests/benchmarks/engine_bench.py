@@ -217,6 +217,36 @@ async def single_stream(
     return (last - first) * 1000 / max(count - 1, 1), first - began
 
 
+def static_cache_single_stream(
+    model: Any, tokenizer: Any, words: int, new_tokens: int, base: int, compiled: bool
+) -> float:
+    """Decode ms per token of `generate` with a static cache, one question (torch.compile'd
+    when `compiled`, as on a GPU): the single-stream reference the engine is held to."""
+    ids = tokenizer.apply_chat_template(
+        prompt(base, words), add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    options: dict[str, Any] = {"cache_implementation": "static", **GREEDY_FIXED}
+    if not compiled:
+        options["disable_compile"] = True
+
+    def run(tokens: int) -> float:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                input_ids=torch.tensor([ids], device=model.device),
+                max_new_tokens=tokens, min_new_tokens=tokens, **options,
+            )  # fmt: skip
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - began
+
+    run(new_tokens)  # compiles (or warms up) first
+    # The difference between a long and a 2-token answer is the decode time alone.
+    return (run(new_tokens) - run(2)) * 1000 / (new_tokens - 2)
+
+
 def memory_bandwidth(device: str) -> float:
     """Bytes/s of a large copy on this device (read + write), best of five."""
     x = torch.empty(64 * 2**20 // 4 * 4, dtype=torch.float32, device=device)  # 256 MiB
@@ -291,6 +321,18 @@ async def measure(
         f"{min(ms):.1f} max {max(ms):.1f}); memory bandwidth {bandwidth / 1e9:.1f} GB/s, "
         f"roofline {roofline:.0f} tokens/s -> {report['roofline_fraction']:.0%} of it"
     )
+    if args.static_reference:
+        compiled = args.device.startswith("cuda")
+        reference_ms = static_cache_single_stream(
+            model, tokenizer, 16, args.new_tokens, next(fresh), compiled
+        )
+        report["static_cache_generate_tokens_per_s"] = 1000 / reference_ms
+        print(
+            f"single stream, static-cache generate{' (compiled)' if compiled else ''}: "
+            f"{1000 / reference_ms:.0f} tokens/s ({reference_ms:.1f} ms/token); engine/it "
+            f"{reference_ms / per_token:.2f}x",
+            flush=True,
+        )
     ttfts = [
         (await single_stream(engine, args.long_words, 2, next(fresh)))[1] * 1000
         for _ in range(args.repeat)
@@ -354,6 +396,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
         "--pipeline-max", type=int, default=4, help="pipeline calls per run (one at a time)"
+    )
+    parser.add_argument(
+        "--static-reference",
+        action="store_true",
+        help="also time one stream of static-cache generate (compiled on CUDA)",
     )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     return parser.parse_args(argv)
