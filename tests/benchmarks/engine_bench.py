@@ -24,9 +24,11 @@ import asyncio
 import json
 import os
 import statistics
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,6 +45,7 @@ from tests.fixtures.tiny_exaone import (
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+T = TypeVar("T")
 
 
 def word_tokenizer(vocab_size: int) -> Any:
@@ -174,6 +177,42 @@ def pipeline_run(pipe: Any, n: int, words: int, new_tokens: int, base: int = 0) 
     return Run(time.perf_counter() - began, n * new_tokens, [])
 
 
+def on_own_thread(work: Callable[..., T], *args: Any) -> T:
+    """Run a baseline on a thread of its own that ends with it.
+
+    torch's CPU operators run on an OpenMP thread team per calling thread, kept until that
+    thread exits; while more OpenMP threads exist than cores, GNU OpenMP throttles the spinning
+    its teams use to hand work to each other, and every team runs slower. The engine's loop has
+    its own thread, so a baseline run on the main thread slowed every later engine run by ~25%
+    on the 2-core machine. Ending the baseline's thread lets its team go (and `baseline` stops
+    the engine's thread while a baseline runs, for the same reason the other way round)."""
+    result: list[T] = []
+    thread = threading.Thread(target=lambda: result.append(work(*args)), name="baseline")
+    thread.start()
+    thread.join()
+    if not result:
+        raise RuntimeError(f"{work.__name__} failed (its traceback is above)")
+    return result[0]
+
+
+async def baseline(engine: BatchingEngine, work: Callable[..., T], *args: Any) -> T:
+    """A baseline run as the seed ran it: on a CPU, nothing else holds OpenMP threads meanwhile.
+
+    The engine's generation thread is stopped for it (its OpenMP team ends with it) and started
+    again after, so each side runs alone, as in its own process. On a GPU the engine stays up:
+    its CUDA graphs would be captured again, and OpenMP does not matter there.
+    """
+    manager = engine.manager
+    on_cpu = not engine.loaded.device.startswith("cuda")
+    if on_cpu:
+        await asyncio.to_thread(manager.stop, block=True, timeout=30)
+    try:
+        return on_own_thread(work, *args)
+    finally:
+        if on_cpu:
+            manager.start()
+
+
 def static_run(model: Any, tokenizer: Any, n: int, words: int, new_tokens: int, base: int) -> Run:
     """Static batching: the n prompts left-padded into one `generate` call (the best case for a
     batch that arrives together and ends together)."""
@@ -270,7 +309,7 @@ def spread(values: list[float]) -> str:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = build_model(args.size, device, dtype)
+    model = on_own_thread(build_model, args.size, device, dtype)
     tokenizer = word_tokenizer(int(model.config.vocab_size))
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
     params = sum(p.numel() for p in model.parameters())
@@ -280,9 +319,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     from transformers import pipeline
 
-    pipe: Any = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    pipe(prompt(0, 8), max_new_tokens=2, return_full_text=False, **GREEDY_FIXED)  # warm it too
-    static_run(model, tokenizer, 2, 8, 2, base=0)
+    pipe: Any = on_own_thread(pipeline, "text-generation", model, None, tokenizer)
+    on_own_thread(pipeline_run, pipe, 1, 8, 2, 0)  # warm both baselines up too
+    on_own_thread(static_run, model, tokenizer, 2, 8, 2, 0)
 
     engine = in_memory_engine(model, tokenizer, device, max_in_flight=1024)
     try:
@@ -306,7 +345,7 @@ async def measure(
     report: dict[str, Any] = {"device": args.device, "size": args.size, "params": params}
 
     # Single stream: ms/token and the memory-bandwidth roofline (every weight read per token).
-    bandwidth = memory_bandwidth(args.device)
+    bandwidth = on_own_thread(memory_bandwidth, args.device)
     weight_bytes = params * next(model.parameters()).element_size()
     ms = [(await single_stream(engine, 16, args.new_tokens, next(fresh)))[0] for _ in range(3)]
     per_token = statistics.median(ms)
@@ -323,8 +362,8 @@ async def measure(
     )
     if args.static_reference:
         compiled = args.device.startswith("cuda")
-        reference_ms = static_cache_single_stream(
-            model, tokenizer, 16, args.new_tokens, next(fresh), compiled
+        reference_ms = on_own_thread(
+            static_cache_single_stream, model, tokenizer, 16, args.new_tokens, next(fresh), compiled
         )
         report["static_cache_generate_tokens_per_s"] = 1000 / reference_ms
         print(
@@ -357,9 +396,13 @@ async def measure(
                         run = await engine_run(engine, n, words, args.new_tokens, base)
                     elif side == "pipeline":
                         calls = min(n, args.pipeline_max)
-                        run = pipeline_run(pipe, calls, words, args.new_tokens, base)
+                        run = await baseline(
+                            engine, pipeline_run, pipe, calls, words, args.new_tokens, base
+                        )
                     else:
-                        run = static_run(model, tokenizer, n, words, args.new_tokens, base)
+                        run = await baseline(
+                            engine, static_run, model, tokenizer, n, words, args.new_tokens, base
+                        )
                     rates[side].append(run.tokens_per_s)
             med = {side: statistics.median(v) for side, v in rates.items()}
             row = {

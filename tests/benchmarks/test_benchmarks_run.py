@@ -51,7 +51,8 @@ def test_gpu_script_runs_its_cpu_smoke_mode_and_prints_json():
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"single_stream_tokens_per_s", "roofline_fraction", "ttft_ms_long_prompt",
-            "cuda_graphs", "attention", "static_cache_generate_tokens_per_s"} <= report.keys()  # fmt: skip
+            "cuda_graphs", "attention", "static_cache_generate_tokens_per_s",
+            } <= report.keys()  # fmt: skip
     assert set(report["rows"]) == {"1x16w", "4x16w"}
     assert report["cuda_graphs"] is False  # CPU
 
