@@ -15,6 +15,10 @@ once per wake-up whatever the number of tokens that arrived. A bounded number of
 may be in the engine at once: past it, the request raises BackendBusy, so the chain sends it to
 GPT or the user is told how many are ahead.
 
+The attention it runs is chosen at start by bot/llm/attention.py: flash on a GPU when it is
+installed or pre-fetched (else sdpa, with a warning), sdpa per request on a CPU
+(bot/llm/cpu_attention.py); the start-up log line names it and says whether CUDA graphs are on.
+
 An error in a generation step (a CUDA out-of-memory, say) fails the requests in the batch and ends
 transformers' generation loop for good; the next request restarts the loop on the same model, so
 one bad step does not take the local model away until the process restarts.
