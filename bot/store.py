@@ -439,9 +439,7 @@ class RedisStore:
         if not ids:
             raise ValueError("claim needs at least one id")
         token = f"{self.owner}:{secrets.token_hex(8)}"
-        keys = [claim_key(platform, event_id) for event_id in ids]
-        if conversation is not None:
-            keys.append(turn_key(conversation))
+        keys = _lease_keys(platform, ids, conversation)
         won = int(
             await self.redis.eval(
                 _CLAIM, len(keys), *keys, token, round(self.lease_s * 1000), len(ids)
@@ -476,9 +474,7 @@ class RedisStore:
     ) -> bool:
         """Extend a lease (and its conversation turn) still held by `token` by `lease_s`;
         False when it was lost."""
-        keys = [claim_key(platform, event_id) for event_id in ids]
-        if conversation is not None:
-            keys.append(turn_key(conversation))
+        keys = _lease_keys(platform, ids, conversation)
         held = await self.redis.eval(_RENEW, len(keys), *keys, token, round(self.lease_s * 1000))
         return int(held) == len(keys)
 
@@ -492,12 +488,10 @@ class RedisStore:
     ) -> None:
         """The answer was delivered: the lease becomes a done mark that outlives re-deliveries,
         and the conversation's turn (if leased) passes on. One round trip."""
-        keys = [claim_key(platform, event_id) for event_id in ids]
-        turn = [turn_key(conversation)] if conversation is not None else []
+        keys = _lease_keys(platform, ids, conversation)
         await self.redis.eval(
-            _COMPLETE, len(keys) + len(turn), *keys, *turn, token, f"done:{token}",
-            self.claim_ttl_s, len(keys),
-        )  # fmt: skip
+            _COMPLETE, len(keys), *keys, token, f"done:{token}", self.claim_ttl_s, len(ids)
+        )
 
     @_store_errors
     async def release(
@@ -509,9 +503,8 @@ class RedisStore:
     ) -> None:
         """The answer was not delivered (cut at shutdown): the event's lease and the turn are
         let go now, not when they expire. One round trip."""
-        keys = [claim_key(platform, event_id) for event_id in ids]
-        turn = [turn_key(conversation)] if conversation is not None else []
-        await self.redis.eval(_COMPLETE, len(keys) + len(turn), *keys, *turn, token, "", 0, 0)
+        keys = _lease_keys(platform, ids, conversation)
+        await self.redis.eval(_COMPLETE, len(keys), *keys, token, "", 0, 0)
 
     @_store_errors
     async def may_follow_up(self, key: ConversationKey, user: str) -> bool:
@@ -601,6 +594,16 @@ for i, key in ipairs(KEYS) do
 end
 return 0
 """
+
+
+def _lease_keys(
+    platform: str, ids: Sequence[str], conversation: ConversationKey | None
+) -> list[str]:
+    """An event's claim keys, then its conversation's turn key when the lease holds it too."""
+    keys = [claim_key(platform, event_id) for event_id in ids]
+    if conversation is not None:
+        keys.append(turn_key(conversation))
+    return keys
 
 
 def _where(name: bytes | str) -> Where:
