@@ -330,7 +330,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     from transformers import pipeline
 
-    pipe: Any = on_own_thread(pipeline, "text-generation", model, None, tokenizer)
+    pipe: Any = on_own_thread(lambda: pipeline("text-generation", model=model, tokenizer=tokenizer))
     on_own_thread(pipeline_run, pipe, 1, 8, 2, 0)  # warm both baselines up too
     on_own_thread(static_run, model, tokenizer, 2, 8, 2, 0)
 
