@@ -114,6 +114,36 @@ async def test_long_prompts_prefilled_in_chunks_beside_short_ones_equal_greedy_d
     assert [text for text, _ in results] == expected
 
 
+async def test_questions_of_different_lengths_decoded_in_one_padded_call_equal_greedy_decoding(
+    tiny_exaone_dir, monkeypatch
+):
+    """Steps where every request decodes read their keys as padded rows and attend in one call
+    (bot.llm.cpu_attention): each answer still equals `generate`'s for its own prompt."""
+    from bot.llm import cpu_attention
+
+    padded_steps = []
+    real = cpu_attention._padded_decode
+
+    def counted(query, *args):
+        padded_steps.append(query.shape[2])  # requests in the step
+        return real(query, *args)
+
+    monkeypatch.setattr(cpu_attention, "_padded_decode", counted)
+    prompts: list[list[ChatMessage]] = [
+        [MESSAGES[0], {"role": "user", "content": "Where is my order? " * n}] for n in (3, 5, 6, 8)
+    ]
+    expected = [reference_greedy(tiny_exaone_dir, m, 20)[1] for m in prompts]
+    engine = batching(tiny_exaone_dir)
+    await engine.start()
+    sampling = SamplingSettings(do_sample=False, max_new_tokens=20)
+    try:
+        results = await asyncio.gather(*(collect(engine, sampling, m) for m in prompts))
+    finally:
+        await engine.aclose()
+    assert [text for text, _ in results] == expected
+    assert max(padded_steps) == len(prompts)  # all four decoded together, in one call per layer
+
+
 async def test_streamed_text_equals_the_decoded_answer(engine, tiny_exaone_dir):
     _, expected = reference_greedy(tiny_exaone_dir, MESSAGES, 40)
     text, _ = await collect(engine, SamplingSettings(do_sample=False, max_new_tokens=40))

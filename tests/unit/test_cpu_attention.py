@@ -66,3 +66,89 @@ def test_unmarked_modules_and_calls_without_packed_lengths_keep_transformers_sdp
     finally:
         cpu_attention._original = original
     assert original is not cpu_attention._dispatch
+
+
+def decoding_step(lengths_k, kv_heads=2, cache_tokens=64):
+    """A decoding step as transformers hands it to the model: one new query per request, and the
+    read index of each request's keys in a shuffled paged cache."""
+    torch.manual_seed(1)
+    bounds_k = [0, *torch.tensor(lengths_k).cumsum(0).tolist()]
+    kwargs = {
+        "cu_seq_lens_q": torch.arange(len(lengths_k) + 1),
+        "cu_seq_lens_k": {"full_attention": torch.tensor(bounds_k)},
+        "read_index": [torch.randperm(cache_tokens)[: bounds_k[-1]]],
+    }
+    cache_k = torch.randn(cache_tokens, kv_heads, 16)
+    cache_v = torch.randn(cache_tokens, kv_heads, 16)
+    query = torch.randn(1, 8, len(lengths_k), 16)
+    return kwargs, cache_k, cache_v, query, bounds_k
+
+
+def read(cache, index):
+    """The paged cache's read, in the layout transformers passes to attention."""
+    return cache.index_select(0, index).transpose(0, 1).unsqueeze(0)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 8])
+def test_a_decoding_step_reads_padded_rows_and_attends_in_one_call_as_the_dense_mask_says(
+    kv_heads, monkeypatch
+):
+    lengths_k = [9, 7, 9, 8]
+    kwargs, cache_k, cache_v, query, bounds_k = decoding_step(lengths_k, kv_heads)
+    packed_index = kwargs["read_index"][0]
+    expected = dense_reference(
+        query, read(cache_k, packed_index), read(cache_v, packed_index),
+        list(range(len(lengths_k) + 1)), bounds_k,
+    )  # fmt: skip
+
+    _, kwargs = cpu_attention._prepare_step(None, (), kwargs)
+    step = kwargs[cpu_attention._STEP]
+    padded_index = kwargs["read_index"][0]
+    assert padded_index.numel() == len(lengths_k) * max(lengths_k)
+    assert step.padded_mask.squeeze().sum(-1).tolist() == lengths_k
+    calls = []
+    monkeypatch.setattr(cpu_attention, "scaled_dot_product_attention", counted(calls))
+    out, _ = cpu_attention.per_request_attention(
+        None, query, read(cache_k, padded_index), read(cache_v, padded_index), None, **kwargs
+    )
+    assert len(calls) == 1  # one call for the whole step
+    torch.testing.assert_close(out, expected)
+
+
+def counted(calls):
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    return sdpa
+
+
+def test_rows_of_very_different_lengths_keep_the_packed_read_and_one_call_per_request(monkeypatch):
+    lengths_k = [40, 3, 2, 4]  # padded, 160 keys would be read for 49
+    kwargs, cache_k, cache_v, query, bounds_k = decoding_step(lengths_k)
+    packed_index = kwargs["read_index"][0]
+    _, kwargs = cpu_attention._prepare_step(None, (), kwargs)
+    assert kwargs["read_index"][0] is packed_index
+    assert kwargs[cpu_attention._STEP].padded_mask is None
+    calls = []
+    monkeypatch.setattr(cpu_attention, "scaled_dot_product_attention", counted(calls))
+    keys, values = read(cache_k, packed_index), read(cache_v, packed_index)
+    out, _ = cpu_attention.per_request_attention(None, query, keys, values, None, **kwargs)
+    assert len(calls) == len(lengths_k)
+    bounds_q = list(range(len(lengths_k) + 1))
+    torch.testing.assert_close(out, dense_reference(query, keys, values, bounds_q, bounds_k))
+
+
+def test_a_step_that_prefills_is_not_padded_and_generate_calls_pass_untouched():
+    kwargs, *_ = decoding_step([5, 6])
+    kwargs["cu_seq_lens_q"] = torch.tensor([0, 1, 4])  # the second request prefills 3 tokens
+    packed_index = kwargs["read_index"][0]
+    _, kwargs = cpu_attention._prepare_step(None, (), kwargs)
+    assert kwargs["read_index"][0] is packed_index
+    step = kwargs[cpu_attention._STEP]
+    assert (step.bounds_q, step.bounds_k, step.padded_mask) == ([0, 1, 4], [0, 5, 11], None)
+
+    plain = {"attention_mask": None}  # generate(): no packed lengths, nothing added
+    assert cpu_attention._prepare_step(None, (), dict(plain)) == ((), plain)
