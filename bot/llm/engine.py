@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
@@ -54,6 +55,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
+
+# On a CPU the paged cache holds this many tokens for each request the engine admits (prompt and
+# answer) besides the free share transformers keeps (it starts no new prompt while less than
+# that share of the cache is free), and never less than 64 pages of 256 tokens.
+CPU_CACHE_TOKENS_PER_REQUEST = 512
+_CPU_CACHE_FREE_SHARE = 0.15  # transformers' default, set here because the size depends on it
+_CPU_CACHE_MIN_TOKENS = 64 * 256
 
 # transformers.generation.continuous_batching.utils logs under this name.
 _ENGINE_LOGGER = "ContinuousBatchingLogger"
@@ -244,9 +252,7 @@ class BatchingEngine:
                 return
             began = time.monotonic()
             try:
-                self._manager = await asyncio.to_thread(
-                    self._start_manager, self._loaded, self._attention, self._cpu_step_tokens
-                )
+                self._manager = await asyncio.to_thread(self._start_manager, self._loaded)
             except Exception as exc:
                 raise BackendUnavailable(
                     f"{self.name}: the batching engine could not start: {type(exc).__name__}: {exc}"
@@ -264,8 +270,7 @@ class BatchingEngine:
                     f"{self.name}: the warm-up answer took over {self._warmup_timeout_s:g}s"
                 ) from None
 
-    @staticmethod
-    def _start_manager(loaded: LoadedModel, attention: AttentionMode, step_tokens: int) -> Any:
+    def _start_manager(self, loaded: LoadedModel) -> Any:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -283,20 +288,28 @@ class BatchingEngine:
         )
         # On a GPU the cache is sized from free memory, and CUDA graphs and async batching are
         # chosen by transformers (they need a flash attention path, which `choose` sets when it
-        # can; transformers' own switch is off because it may download code). On a CPU a small
-        # fixed cache keeps start-up quick, and steps run one after another, which
-        # RequestSampler's host-side shortcuts rely on. Up to 2,048 prompt tokens per step
-        # (`cpu_step_tokens`):
-        # prefill is compute-bound on a CPU and bigger matrices use it better (32 questions of
-        # ~260 tokens: 74 tokens/s at 512, 93 at 2,048, no more at 4,096).
-        sizing: dict[str, Any] = (
-            {}
-            if on_gpu
-            else {"num_blocks": 64, "max_batch_tokens": step_tokens, "use_async_batching": False}
-        )
+        # can; transformers' own switch is off because it may download code). On a CPU
+        # transformers would take 60 % of the host's memory: the cache holds instead
+        # `CPU_CACHE_TOKENS_PER_REQUEST` tokens for each request admitted (a cache that cannot
+        # hold them all holds some back or evicts them, and the last then decode nearly alone at
+        # a full step's cost per token: 32 questions of ~400 tokens in 64 pages ran at 0.86 of
+        # static batching). Steps run one after another, which RequestSampler's host-side
+        # shortcuts rely on, and take up to 2,048 prompt tokens (`cpu_step_tokens`): prefill is
+        # compute-bound on a CPU and bigger matrices use it better (32 questions of ~260
+        # tokens: 74 tokens/s at 512, 93 at 2,048, no more at 4,096).
+        sizing: dict[str, Any] = {}
+        if not on_gpu:
+            needed = self.max_in_flight * CPU_CACHE_TOKENS_PER_REQUEST / (1 - _CPU_CACHE_FREE_SHARE)
+            cache_tokens = max(_CPU_CACHE_MIN_TOKENS, math.ceil(needed))
+            sizing = {
+                "num_blocks": math.ceil(cache_tokens / ContinuousBatchingConfig.page_size),
+                "safety_margin": _CPU_CACHE_FREE_SHARE,
+                "max_batch_tokens": self._cpu_step_tokens,
+                "use_async_batching": False,
+            }
         config = ContinuousBatchingConfig(auto_switch_to_flash=False, **sizing)
         model: Any = loaded.model
-        path = choose(model, loaded.device, attention)
+        path = choose(model, loaded.device, self._attention)
         manager = model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=config
         )

@@ -144,6 +144,40 @@ async def test_questions_of_different_lengths_decoded_in_one_padded_call_equal_g
     assert max(padded_steps) == len(prompts)  # all four decoded together, in one call per layer
 
 
+async def test_as_many_questions_as_the_engine_admits_fit_its_cache_on_a_cpu(
+    tiny_exaone_dir, monkeypatch
+):
+    """The CPU cache holds LLM_MAX_QUEUE questions of 512 tokens: 40 different questions of ~350
+    tokens (two cache pages each) are all decoded in the same steps. With too small a cache the
+    last ones wait for the first to finish (or are evicted and prefilled again), and then run
+    nearly alone: a whole step's cost per token for a handful of questions."""
+    from bot.llm import cpu_attention
+
+    decoding_together = []
+    real = cpu_attention._padded_decode
+
+    def counted(query, *args):
+        decoding_together.append(query.shape[2])
+        return real(query, *args)
+
+    monkeypatch.setattr(cpu_attention, "_padded_decode", counted)
+    questions: list[list[ChatMessage]] = [
+        [MESSAGES[0], {"role": "user", "content": f"Where is my order number {i}? " * 12}]
+        for i in range(40)
+    ]
+    engine = batching(tiny_exaone_dir, max_in_flight=40)
+    await engine.start()
+    try:
+        lengths = [len((await encoded(engine, q)).ids or []) for q in questions]
+        assert min(lengths) > 256 and max(lengths) + 24 <= 512, lengths
+        sampling = SamplingSettings(do_sample=False, max_new_tokens=24)
+        results = await asyncio.gather(*(collect(engine, sampling, q) for q in questions))
+    finally:
+        await engine.aclose()
+    assert len(results) == 40
+    assert max(decoding_together) == 40
+
+
 async def test_streamed_text_equals_the_decoded_answer(engine, tiny_exaone_dir):
     _, expected = reference_greedy(tiny_exaone_dir, MESSAGES, 40)
     text, _ = await collect(engine, SamplingSettings(do_sample=False, max_new_tokens=40))
