@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 CPU_CACHE_TOKENS_PER_REQUEST = 512
 _CPU_CACHE_FREE_SHARE = 0.15  # transformers' default, set here because the size depends on it
 _CPU_CACHE_MIN_TOKENS = 64 * 256
+_CPU_MEMORY_SHARE = 0.6  # of the host's free memory, as transformers assumes on a CPU
 
 # transformers.generation.continuous_batching.utils logs under this name.
 _ENGINE_LOGGER = "ContinuousBatchingLogger"
@@ -299,11 +300,11 @@ class BatchingEngine:
         # tokens: 74 tokens/s at 512, 93 at 2,048, no more at 4,096).
         sizing: dict[str, Any] = {}
         if not on_gpu:
-            needed = self.max_in_flight * CPU_CACHE_TOKENS_PER_REQUEST / (1 - _CPU_CACHE_FREE_SHARE)
-            cache_tokens = max(_CPU_CACHE_MIN_TOKENS, math.ceil(needed))
+            cache_tokens = self._cpu_cache_tokens(loaded)
             sizing = {
                 "num_blocks": math.ceil(cache_tokens / ContinuousBatchingConfig.page_size),
                 "safety_margin": _CPU_CACHE_FREE_SHARE,
+                "max_memory_percent": _CPU_MEMORY_SHARE,
                 "max_batch_tokens": self._cpu_step_tokens,
                 "use_async_batching": False,
             }
@@ -323,6 +324,39 @@ class BatchingEngine:
         graphs = "on" if varlen or decode else "off"
         logger.info("batching engine: attention %s, CUDA graphs %s", path, graphs)
         return manager
+
+    def _cpu_cache_tokens(self, loaded: LoadedModel) -> int:
+        """The CPU cache's size in tokens: every admitted request's share, within half of the
+        memory transformers lets the engine use (beyond that it refuses to start)."""
+        from transformers.generation.continuous_batching.utils import (
+            get_device_and_memory_breakdown,
+        )
+
+        wanted = math.ceil(
+            self.max_in_flight * CPU_CACHE_TOKENS_PER_REQUEST / (1 - _CPU_CACHE_FREE_SHARE)
+        )
+        config = loaded.model.config
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        item = loaded.model.dtype.itemsize
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * item
+        per_token += self._cpu_step_tokens * item  # transformers' mask has a column per token
+        _, total, reserved, allocated = get_device_and_memory_breakdown()  # reads psutil
+        usable = (total - max(reserved, allocated)) * _CPU_MEMORY_SHARE
+        affordable = int(usable / 2 / per_token)
+        if wanted <= affordable:
+            return max(_CPU_CACHE_MIN_TOKENS, wanted)
+        tokens = max(_CPU_CACHE_MIN_TOKENS, affordable // 256 * 256)
+        logger.warning(
+            "LLM_MAX_QUEUE=%d questions need a KV cache of %s tokens (%.1f GB); the memory "
+            "available holds %s tokens, so fewer questions decode at once",
+            self.max_in_flight,
+            f"{wanted:,}",
+            wanted * per_token / 1e9,
+            f"{tokens:,}",
+        )
+        return tokens
 
     async def stream(
         self, prompt: Prompt, sampling: SamplingSettings

@@ -334,7 +334,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     on_own_thread(pipeline_run, pipe, 1, 8, 2, 0)  # warm both baselines up too
     on_own_thread(static_run, model, tokenizer, 2, 8, 2, 0)
 
-    engine = in_memory_engine(model, tokenizer, device, max_in_flight=1024)
+    # The queue as a deployment sets it (LLM_MAX_QUEUE, default 64): on a CPU it sizes the cache.
+    queue = max(64, *args.concurrency)
+    engine = in_memory_engine(model, tokenizer, device, max_in_flight=queue)
     try:
         return await measure(engine, pipe, model, tokenizer, params, args)
     finally:

@@ -178,6 +178,27 @@ async def test_as_many_questions_as_the_engine_admits_fit_its_cache_on_a_cpu(
     assert max(decoding_together) == 40
 
 
+async def test_a_queue_bigger_than_memory_allows_gets_the_cache_memory_allows_and_says_so(
+    tiny_exaone_dir, caplog
+):
+    """LLM_MAX_QUEUE=10,000,000 would want a cache of billions of tokens: the engine starts with
+    the cache half the available memory holds, says so in one warning line, and answers."""
+    engine = batching(tiny_exaone_dir, max_in_flight=10_000_000)
+    caplog.set_level("WARNING", logger="bot.llm.engine")
+    await engine.start()
+    try:
+        text, finished = await collect(engine, GREEDY)
+        cache = engine.manager.batch_processor.cache
+        held = cache.num_blocks * 256
+    finally:
+        await engine.aclose()
+    assert finished.completion_tokens > 0 and text
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "LLM_MAX_QUEUE" in warnings[0] and f"{held:,} tokens" in warnings[0]
+    assert 64 * 256 <= held < 10_000_000 * 512
+
+
 async def test_streamed_text_equals_the_decoded_answer(engine, tiny_exaone_dir):
     _, expected = reference_greedy(tiny_exaone_dir, MESSAGES, 40)
     text, _ = await collect(engine, SamplingSettings(do_sample=False, max_new_tokens=40))
