@@ -158,7 +158,6 @@ def _padded_decode(
 def _dispatch(module: Any, *args: Any, **kwargs: Any) -> Any:
     if "cu_seq_lens_q" in kwargs and getattr(module, _MARK, False):
         return per_request_attention(module, *args, **kwargs)
-    kwargs.pop(_STEP, None)
     return _original(module, *args, **kwargs)
 
 
