@@ -79,6 +79,18 @@ def reference_greedy(model_dir: Path, messages, max_new_tokens: int) -> tuple[li
     return new, str(tokenizer.decode(new, skip_special_tokens=True))
 
 
+async def greedy_answers_then_close(
+    llm: BatchingEngine, prompts: Sequence[Sequence[ChatMessage]], tokens: int
+) -> list[str]:
+    """Every prompt answered greedily, all at once; the engine is closed after."""
+    sampling = SamplingSettings(do_sample=False, max_new_tokens=tokens)
+    try:
+        results = await asyncio.gather(*(collect(llm, sampling, m) for m in prompts))
+    finally:
+        await llm.aclose()
+    return [text for text, _ in results]
+
+
 async def test_greedy_channel_equals_greedy_decoding_beside_a_sampling_channel(
     engine, tiny_exaone_dir
 ):
@@ -106,12 +118,23 @@ async def test_long_prompts_prefilled_in_chunks_beside_short_ones_equal_greedy_d
     lengths = [len((await encoded(engine, m)).ids or []) for m in (long_a, long_b)]
     assert min(lengths) > 512 and max(lengths) < 2000, lengths
     expected = [reference_greedy(tiny_exaone_dir, m, 16)[1] for m in prompts]
-    sampling = SamplingSettings(do_sample=False, max_new_tokens=16)
-    try:
-        results = await asyncio.gather(*(collect(engine, sampling, m) for m in prompts))
-    finally:
-        await engine.aclose()
-    assert [text for text, _ in results] == expected
+    assert await greedy_answers_then_close(engine, prompts, 16) == expected
+
+
+def requests_per_padded_step(monkeypatch) -> list[int]:
+    """Records, for each layer call of a step decoded as padded rows (bot.llm.cpu_attention), how
+    many requests it decoded together."""
+    from bot.llm import cpu_attention
+
+    counts: list[int] = []
+    real = cpu_attention._padded_decode
+
+    def counted(query, *args):
+        counts.append(query.shape[2])  # [1, heads, requests, head_dim]
+        return real(query, *args)
+
+    monkeypatch.setattr(cpu_attention, "_padded_decode", counted)
+    return counts
 
 
 async def test_questions_of_different_lengths_decoded_in_one_padded_call_equal_greedy_decoding(
@@ -119,28 +142,14 @@ async def test_questions_of_different_lengths_decoded_in_one_padded_call_equal_g
 ):
     """Steps where every request decodes read their keys as padded rows and attend in one call
     (bot.llm.cpu_attention): each answer still equals `generate`'s for its own prompt."""
-    from bot.llm import cpu_attention
-
-    padded_steps = []
-    real = cpu_attention._padded_decode
-
-    def counted(query, *args):
-        padded_steps.append(query.shape[2])  # requests in the step
-        return real(query, *args)
-
-    monkeypatch.setattr(cpu_attention, "_padded_decode", counted)
+    padded_steps = requests_per_padded_step(monkeypatch)
     prompts: list[list[ChatMessage]] = [
         [MESSAGES[0], {"role": "user", "content": "Where is my order? " * n}] for n in (3, 5, 6, 8)
     ]
     expected = [reference_greedy(tiny_exaone_dir, m, 20)[1] for m in prompts]
     engine = batching(tiny_exaone_dir)
     await engine.start()
-    sampling = SamplingSettings(do_sample=False, max_new_tokens=20)
-    try:
-        results = await asyncio.gather(*(collect(engine, sampling, m) for m in prompts))
-    finally:
-        await engine.aclose()
-    assert [text for text, _ in results] == expected
+    assert await greedy_answers_then_close(engine, prompts, 20) == expected
     assert max(padded_steps) == len(prompts)  # all four decoded together, in one call per layer
 
 
@@ -151,16 +160,7 @@ async def test_as_many_questions_as_the_engine_admits_fit_its_cache_on_a_cpu(
     tokens (two cache pages each) are all decoded in the same steps. With too small a cache the
     last ones wait for the first to finish (or are evicted and prefilled again), and then run
     nearly alone: a whole step's cost per token for a handful of questions."""
-    from bot.llm import cpu_attention
-
-    decoding_together = []
-    real = cpu_attention._padded_decode
-
-    def counted(query, *args):
-        decoding_together.append(query.shape[2])
-        return real(query, *args)
-
-    monkeypatch.setattr(cpu_attention, "_padded_decode", counted)
+    decoding_together = requests_per_padded_step(monkeypatch)
     questions: list[list[ChatMessage]] = [
         [MESSAGES[0], {"role": "user", "content": f"Where is my order number {i}? " * 12}]
         for i in range(40)
