@@ -50,7 +50,7 @@ def test_unmarked_modules_and_calls_without_packed_lengths_keep_transformers_sdp
     marked, other = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
     cpu_attention.use_per_request_attention(marked)
     cpu_attention.use_per_request_attention(marked)  # twice: still one layer in front
-    calls = []
+    calls: list[int] = []
 
     def transformers_sdpa(module, *args, **kwargs):
         calls.append(module)
@@ -106,7 +106,7 @@ def test_a_decoding_step_reads_padded_rows_and_attends_in_one_call_as_the_dense_
     padded_index = kwargs["read_index"][0]
     assert padded_index.numel() == len(lengths_k) * max(lengths_k)
     assert step.padded_mask.squeeze().sum(-1).tolist() == lengths_k
-    calls = []
+    calls: list[int] = []
     monkeypatch.setattr(cpu_attention, "scaled_dot_product_attention", counted(calls))
     out, _ = cpu_attention.per_request_attention(
         None, query, read(cache_k, padded_index), read(cache_v, padded_index), None, **kwargs
@@ -132,7 +132,7 @@ def test_rows_of_very_different_lengths_keep_the_packed_read_and_one_call_per_re
     _, kwargs = cpu_attention._prepare_step(None, (), kwargs)
     assert kwargs["read_index"][0] is packed_index
     assert kwargs[cpu_attention._STEP].padded_mask is None
-    calls = []
+    calls: list[int] = []
     monkeypatch.setattr(cpu_attention, "scaled_dot_product_attention", counted(calls))
     keys, values = read(cache_k, packed_index), read(cache_v, packed_index)
     out, _ = cpu_attention.per_request_attention(None, query, keys, values, None, **kwargs)
