@@ -58,10 +58,12 @@ logger = logging.getLogger(__name__)
 
 # On a CPU the paged cache holds this many tokens for each request the engine admits (prompt and
 # answer) besides the free share transformers keeps (it starts no new prompt while less than
-# that share of the cache is free), and never less than 64 pages of 256 tokens.
+# that share of the cache is free), and never less than 64 pages.
 CPU_CACHE_TOKENS_PER_REQUEST = 512
-_CPU_CACHE_FREE_SHARE = 0.15  # transformers' default, set here because the size depends on it
-_CPU_CACHE_MIN_TOKENS = 64 * 256
+# transformers' defaults, set here because the cache's size depends on them
+_CPU_PAGE_TOKENS = 256
+_CPU_CACHE_FREE_SHARE = 0.15
+_CPU_CACHE_MIN_TOKENS = 64 * _CPU_PAGE_TOKENS
 _CPU_MEMORY_SHARE = 0.6  # of the host's free memory, as transformers assumes on a CPU
 
 # transformers.generation.continuous_batching.utils logs under this name.
@@ -302,7 +304,8 @@ class BatchingEngine:
         if not on_gpu:
             cache_tokens = self._cpu_cache_tokens(loaded)
             sizing = {
-                "num_blocks": math.ceil(cache_tokens / ContinuousBatchingConfig.page_size),
+                "page_size": _CPU_PAGE_TOKENS,
+                "num_blocks": math.ceil(cache_tokens / _CPU_PAGE_TOKENS),
                 "safety_margin": _CPU_CACHE_FREE_SHARE,
                 "max_memory_percent": _CPU_MEMORY_SHARE,
                 "max_batch_tokens": self._cpu_step_tokens,
@@ -347,7 +350,7 @@ class BatchingEngine:
         affordable = int(usable / 2 / per_token)
         if wanted <= affordable:
             return max(_CPU_CACHE_MIN_TOKENS, wanted)
-        tokens = max(_CPU_CACHE_MIN_TOKENS, affordable // 256 * 256)
+        tokens = max(_CPU_CACHE_MIN_TOKENS, affordable // _CPU_PAGE_TOKENS * _CPU_PAGE_TOKENS)
         logger.warning(
             "LLM_MAX_QUEUE=%d questions need a KV cache of %s tokens (%.1f GB); the memory "
             "available holds %s tokens, so fewer questions decode at once",
