@@ -103,7 +103,7 @@ def per_request_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature; returns [1, queries, heads, head_dim]."""
     step: Step | None = kwargs.get(_STEP)
-    if step is None:  # called without the model's pre-hook (the unit tests)
+    if step is None:  # a cache layout the pre-hook leaves alone, or a call without it
         step = Step(kwargs["cu_seq_lens_q"].tolist(), kwargs["cu_seq_lens_k"].tolist())
     gqa = query.shape[1] != key.shape[1]
     if step.padded_mask is not None:
