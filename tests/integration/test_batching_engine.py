@@ -121,19 +121,19 @@ async def test_long_prompts_prefilled_in_chunks_beside_short_ones_equal_greedy_d
     assert await greedy_answers_then_close(engine, prompts, 16) == expected
 
 
-def requests_per_padded_step(monkeypatch) -> list[int]:
-    """Records, for each layer call of a step decoded as padded rows (bot.llm.cpu_attention), how
-    many requests it decoded together."""
+def requests_decoded_together(monkeypatch) -> list[int]:
+    """Records, for each layer call of a step decoded as one row of keys per request
+    (bot.llm.cpu_attention), how many requests it decoded together."""
     from bot.llm import cpu_attention
 
     counts: list[int] = []
-    real = cpu_attention._padded_decode
+    real = cpu_attention._decode_in_rows
 
     def counted(query, *args):
         counts.append(query.shape[2])  # [1, heads, requests, head_dim]
         return real(query, *args)
 
-    monkeypatch.setattr(cpu_attention, "_padded_decode", counted)
+    monkeypatch.setattr(cpu_attention, "_decode_in_rows", counted)
     return counts
 
 
@@ -142,7 +142,7 @@ async def test_questions_of_different_lengths_decoded_in_one_padded_call_equal_g
 ):
     """Steps where every request decodes read their keys as padded rows and attend in one call
     (bot.llm.cpu_attention): each answer still equals `generate`'s for its own prompt."""
-    padded_steps = requests_per_padded_step(monkeypatch)
+    padded_steps = requests_decoded_together(monkeypatch)
     prompts: list[list[ChatMessage]] = [
         [MESSAGES[0], {"role": "user", "content": "Where is my order? " * n}] for n in (3, 5, 6, 8)
     ]
@@ -160,7 +160,7 @@ async def test_as_many_questions_as_the_engine_admits_fit_its_cache_on_a_cpu(
     tokens (two cache pages each) are all decoded in the same steps. With too small a cache the
     last ones wait for the first to finish (or are evicted and prefilled again), and then run
     nearly alone: a whole step's cost per token for a handful of questions."""
-    decoding_together = requests_per_padded_step(monkeypatch)
+    decoding_together = requests_decoded_together(monkeypatch)
     questions: list[list[ChatMessage]] = [
         [MESSAGES[0], {"role": "user", "content": f"Where is my order number {i}? " * 12}]
         for i in range(40)

@@ -152,3 +152,30 @@ def test_a_step_that_prefills_is_not_padded_and_generate_calls_pass_untouched():
 
     plain = {"attention_mask": None}  # generate(): no packed lengths, nothing added
     assert cpu_attention._prepare_step(None, (), dict(plain)) == ((), plain)
+
+
+@pytest.mark.parametrize("lengths_k", [[12], [9, 9, 9]])
+def test_rows_of_equal_length_keep_the_packed_read_and_attend_in_one_unmasked_call(
+    lengths_k, monkeypatch
+):
+    """One request decoding alone (or several with as many keys each): the packed read is one
+    row per request already, so nothing is re-read, padded or masked."""
+    kwargs, cache_k, cache_v, query, bounds_k = decoding_step(lengths_k)
+    packed_index = kwargs["read_index"][0]
+    _, kwargs = cpu_attention._prepare_step(None, (), kwargs)
+    assert kwargs["read_index"][0] is packed_index
+    step = kwargs[cpu_attention._STEP]
+    assert step.in_rows and step.padded_mask is None
+    masks: list[object] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(*args, attn_mask=None, **options):
+        masks.append(attn_mask)
+        return real(*args, attn_mask=attn_mask, **options)
+
+    monkeypatch.setattr(cpu_attention, "scaled_dot_product_attention", sdpa)
+    keys, values = read(cache_k, packed_index), read(cache_v, packed_index)
+    out, _ = cpu_attention.per_request_attention(None, query, keys, values, None, **kwargs)
+    assert masks == [None]  # one call for the whole step, no mask
+    bounds_q = list(range(len(lengths_k) + 1))
+    torch.testing.assert_close(out, dense_reference(query, keys, values, bounds_q, bounds_k))
