@@ -59,6 +59,10 @@ class RequestSampler(ContinuousBatchingLogitsProcessorList):
         kwargs = [r.state.logit_processor_kwargs for r in requests_in_batch if r.has_new_token]
         temperatures = [float(k.get("temperature", 0.0)) for k in kwargs]
         top_ks = [int(k.get("top_k", 1)) for k in kwargs]
+        self._sampling_rows = [i for i, t in enumerate(temperatures) if t > 0]
+        self._k = max((top_ks[i] for i in self._sampling_rows), default=1)
+        if not self._sampling_rows and not self.branch_free:
+            return arg_storage  # an all-greedy step reads no argument (see __call__)
         top_ps = [float(k.get("top_p", 1.0)) for k in kwargs]
         n = len(kwargs)
         device = arg_storage.device
@@ -66,8 +70,6 @@ class RequestSampler(ContinuousBatchingLogitsProcessorList):
         arg_storage[_TEMPERATURE, :n] = floats[0].to(device)
         arg_storage[_TOP_K, :n] = torch.tensor(top_ks, dtype=torch.int32).to(device)
         arg_storage[_TOP_P, :n] = floats[1].to(device)
-        self._sampling_rows = [i for i, t in enumerate(temperatures) if t > 0]
-        self._k = max((top_ks[i] for i in self._sampling_rows), default=1)
         return arg_storage
 
     def __call__(self, input_ids: Any, scores: torch.Tensor, logits_processor_args: Any) -> Any:
