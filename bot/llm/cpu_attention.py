@@ -146,20 +146,18 @@ def _decode_in_rows(
     scaling: float | None,
     gqa: bool,
 ) -> torch.Tensor:
-    requests = query.shape[2]
-    longest = key.shape[2] // requests
-    kv_heads, head_dim = key.shape[1], key.shape[3]
-
-    def rows(states: torch.Tensor) -> torch.Tensor:  # -> [requests, kv_heads, longest, head_dim]
-        return (
-            states[0].transpose(0, 1).reshape(requests, longest, kv_heads, head_dim).transpose(1, 2)
-        )
-
-    q = query[0].transpose(0, 1).unsqueeze(2)  # [requests, heads, 1, head_dim]
+    # Views only, as few as possible: each costs microseconds, 12+ layers a step.
+    requests, kv_heads, head_dim = query.shape[2], key.shape[1], key.shape[3]
+    rows = (kv_heads, requests, -1, head_dim)  # then [requests, kv_heads, longest, head_dim]
     out = scaled_dot_product_attention(
-        q, rows(key), rows(value), attn_mask=mask, scale=scaling, enable_gqa=gqa
+        query.permute(2, 1, 0, 3),  # [requests, heads, 1, head_dim]
+        key.reshape(rows).transpose(0, 1),
+        value.reshape(rows).transpose(0, 1),
+        attn_mask=mask,
+        scale=scaling,
+        enable_gqa=gqa,
     )  # [requests, heads, 1, head_dim]
-    return out.transpose(1, 2).reshape(1, requests, query.shape[1], head_dim)
+    return out.permute(2, 0, 1, 3)  # [1, requests, heads, head_dim]; the caller reshapes it
 
 
 def _dispatch(module: Any, *args: Any, **kwargs: Any) -> Any:
