@@ -16,6 +16,7 @@ from bot.commands.runtime import build_knowledge, open_redis
 from bot.config import Settings
 from bot.knowledge.base import KnowledgeBase, Result
 from bot.knowledge.embed import EmbedError
+from bot.ops.threads import on_own_thread
 
 
 async def run(settings: Settings, action: str, args: list[str], collection: str | None) -> int:
@@ -48,7 +49,7 @@ async def add(kb: KnowledgeBase, sources: list[str], collection: str) -> int:
 
     if kb.embedder is not None:
         print(f"loading the embedding model {kb.embedder.name} ...", file=sys.stderr)
-        await asyncio.to_thread(kb.embedder.load)
+        await on_own_thread(kb.embedder.load)  # torch (bot/ops/threads.py)
     results = await kb.add(sources, collection, report)
     return _summary(results, out, report=False)
 

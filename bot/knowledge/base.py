@@ -22,6 +22,7 @@ from bot.knowledge.embed import Embedder, Vectors, is_e5
 from bot.knowledge.index import CollectionIndex, terms
 from bot.knowledge.passages import Hit, Passage, split_markdown, word_count
 from bot.knowledge.store import KnowledgeStore, SourceInfo
+from bot.ops.threads import on_own_thread
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class KnowledgeBase:
             document = await asyncio.to_thread(ingest.read, source)
             if await self.store.digest(collection, document.source) == document.digest:
                 return Result(document.source, "unchanged")
-            passages, vectors = await asyncio.to_thread(self._prepare, document)
+            passages, vectors = await on_own_thread(self._prepare, document)  # embeds: torch
             now = time.time()
             info = SourceInfo(
                 document.source,
@@ -174,7 +175,7 @@ class KnowledgeBase:
         index = await self._index(collection, version)
         vector = None
         if self.embedder is not None and index.vectors is not None:
-            vector = await asyncio.to_thread(self.embedder.query, question)
+            vector = await on_own_thread(self.embedder.query, question)  # torch
         question_terms = await asyncio.to_thread(terms, question)
         return await asyncio.to_thread(
             index.search, question_terms, vector, limit=limit,

@@ -49,6 +49,7 @@ from bot.llm.base import (
 )
 from bot.llm.loader import LoadedModel, Loader, free_memory, open_model
 from bot.ops import metrics
+from bot.ops.threads import on_own_thread
 from bot.sampling import SamplingSettings
 
 if TYPE_CHECKING:
@@ -255,7 +256,7 @@ class BatchingEngine:
                 return
             began = time.monotonic()
             try:
-                self._manager = await asyncio.to_thread(self._start_manager, self._loaded)
+                self._manager = await on_own_thread(self._start_manager, self._loaded)
             except Exception as exc:
                 raise BackendUnavailable(
                     f"{self.name}: the batching engine could not start: {type(exc).__name__}: {exc}"

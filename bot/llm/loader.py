@@ -11,7 +11,6 @@ commands that never load a model.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import re
@@ -26,6 +25,7 @@ from bot.llm.base import BackendUnavailable, ChatMessage, Prompt
 from bot.llm.exaone import load_model_and_tokenizer, resolve_model_dir
 from bot.ops import metrics
 from bot.ops.logging import route_library_logs
+from bot.ops.threads import on_own_thread
 
 if TYPE_CHECKING:
     import torch
@@ -163,10 +163,11 @@ class ModelLoader:
 
 
 async def open_model(loader: Loader) -> LoadedModel:
-    """`loader.load()` on a worker thread; any failure becomes BackendUnavailable naming it."""
+    """`loader.load()` on a thread of its own (bot/ops/threads.py); any failure becomes
+    BackendUnavailable naming it."""
     began = time.monotonic()
     try:
-        loaded = await asyncio.to_thread(loader.load)
+        loaded = await on_own_thread(loader.load)
     except BackendUnavailable:
         raise
     except Exception as exc:

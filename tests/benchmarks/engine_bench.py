@@ -183,14 +183,10 @@ def pipeline_run(pipe: Any, n: int, words: int, new_tokens: int, base: int = 0) 
 
 
 def on_own_thread(work: Callable[..., T], *args: Any) -> T:
-    """Run a baseline on a thread of its own that ends with it.
-
-    torch's CPU operators run on an OpenMP thread team per calling thread, kept until that
-    thread exits; while more OpenMP threads exist than cores, GNU OpenMP throttles the spinning
-    its teams use to hand work to each other, and every team runs slower. The engine's loop has
-    its own thread, so a baseline run on the main thread slowed every later engine run by ~25%
-    on the 2-core machine. Ending the baseline's thread lets its team go (and `baseline` stops
-    the engine's thread while a baseline runs, for the same reason the other way round)."""
+    """Run a baseline on a thread of its own that ends with it, blocking: the synchronous twin
+    of the bot's `bot.ops.threads.on_own_thread`, for the reason given there (an OpenMP team
+    left on the main thread slowed every later engine run by ~25 % on the 2-core machine).
+    `baseline` also stops the engine's thread while a baseline runs, the other way round."""
     result: list[T] = []
     thread = threading.Thread(target=lambda: result.append(work(*args)), name="baseline")
     thread.start()

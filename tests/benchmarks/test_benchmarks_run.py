@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.benchmarks import engine_bench, memory_bench, overhead_bench
+from tests.benchmarks import engine_bench, memory_bench, overhead_bench, threads_bench
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +91,11 @@ def test_kb_bench_prints_quality_ingest_latency_and_memory(capsys):
     assert re.search(r"index memory [\d.]+ MB per 10,000 passages", out)
     recall, _ = report["quality"]["fused"]  # type: ignore[index]
     assert recall >= 0.9  # the set's labels still match what retrieval finds
+
+
+def test_threads_bench_reports_each_side(capsys):
+    figures = asyncio.run(threads_bench.main(["--size", "tiny", "--new-tokens", "6"]))
+    out = capsys.readouterr().out
+    assert len(figures) == 3 and all(len(ms) == 3 for ms in figures.values())
+    for label in ("fresh engine", "threads of their own (the bot)", "asyncio.to_thread (before)"):
+        assert re.search(rf"{re.escape(label)}: ms/token min/median/max [\d./]+; threads", out)

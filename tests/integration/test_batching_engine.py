@@ -469,3 +469,31 @@ async def test_top_k_1_and_a_tiny_top_p_sample_only_the_best_token(engine, tiny_
     hot_p = SamplingSettings(temperature=2.0, top_k=1000, top_p=1e-9, max_new_tokens=24)
     results = await asyncio.gather(collect(engine, hot_top1), collect(engine, hot_p))
     assert [text for text, _ in results] == [expected, expected]
+
+
+async def test_the_model_loads_and_the_engine_starts_on_threads_that_end(
+    tiny_exaone_dir, monkeypatch
+):
+    """Loading and starting run torch on a CPU; a thread that lives on keeps its OpenMP team,
+    and a team beside the engine's slows every decode step (bot/ops/threads.py)."""
+    threads: list[threading.Thread] = []
+
+    def recorded(real):
+        def run(*args, **kwargs):
+            threads.append(threading.current_thread())
+            return real(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(ModelLoader, "load", recorded(ModelLoader.load))
+    monkeypatch.setattr(BatchingEngine, "_start_manager", recorded(BatchingEngine._start_manager))
+    llm = batching(tiny_exaone_dir)
+    await llm.start()
+    try:
+        assert len(threads) == 2
+        for thread in threads:
+            thread.join(timeout=5)
+            assert not thread.is_alive(), thread.name
+        assert (await collect(llm, GREEDY))[0]
+    finally:
+        await llm.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 import pytest
 
@@ -192,3 +193,27 @@ async def test_an_unreadable_file_fails_alone(redis, tmp_path):
     path.chmod(0)
     [result] = await knowledge(redis).add([str(path)], "default")
     assert result.failed
+
+
+async def test_embedding_runs_on_threads_that_end_so_no_openmp_team_outlives_it(
+    redis, tmp_path, monkeypatch
+):
+    """torch keeps an OpenMP team per thread for the thread's life, and a team left on a pooled
+    worker made every later token of the local model ~35 % slower on a 2-core host
+    (bot/ops/threads.py): documents and questions are embedded on threads that end."""
+    kb = knowledge(redis)
+    assert kb.embedder is not None
+    threads: list[threading.Thread] = []
+    real_encode = kb.embedder._encode
+
+    def encode(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(kb.embedder, "_encode", encode)
+    await kb.add([str(write_docs(tmp_path / "docs"))], "default")
+    assert await kb.search("default", "How do I return an item?", limit=4)
+    assert len(threads) == 4  # three documents and a question
+    for thread in threads:
+        thread.join(timeout=5)
+        assert not thread.is_alive(), thread.name
