@@ -5,8 +5,9 @@ thread. While a process holds more OpenMP threads than the host has cores, GNU O
 teams spinning between parallel regions, so each of the hundreds of small operators in a decode
 step waits for a sleeping thread to wake. `asyncio.to_thread` runs work on pooled threads that
 never end: one knowledge question embedded there left a team behind that slowed every later token
-of the local model on a 2-core host from 37 to 50 ms. So torch work that is not the engine's own
-(loading a model, embedding a question or a document) runs through `on_own_thread`.
+of the local model on a 2-core host from 37 to 53 ms (tests/benchmarks/threads_bench.py). So
+torch work that is not the engine's own (loading a model, starting the engine, embedding a
+question or a document) runs through `on_own_thread`.
 """
 
 from __future__ import annotations
