@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from bot.llm.base import ChatMessage, Delta, Finished
 from bot.llm.engine import BatchingEngine
 from bot.llm.exaone import exaone_to_llama_config
 from bot.llm.loader import LoadedModel
+from bot.ops.threads import on_own_thread
 from bot.sampling import SamplingSettings
 from tests.fixtures.tiny_exaone import (
     EXAONE_3_5_2_4B_CONFIG,
@@ -182,20 +182,6 @@ def pipeline_run(pipe: Any, n: int, words: int, new_tokens: int, base: int = 0) 
     return Run(time.perf_counter() - began, n * new_tokens, [])
 
 
-def on_own_thread(work: Callable[..., T], *args: Any) -> T:
-    """Run a baseline on a thread of its own that ends with it, blocking: the synchronous twin
-    of the bot's `bot.ops.threads.on_own_thread`, for the reason given there (an OpenMP team
-    left on the main thread slowed every later engine run by ~25 % on the 2-core machine).
-    `baseline` also stops the engine's thread while a baseline runs, the other way round."""
-    result: list[T] = []
-    thread = threading.Thread(target=lambda: result.append(work(*args)), name="baseline")
-    thread.start()
-    thread.join()
-    if not result:
-        raise RuntimeError(f"{work.__name__} failed (its traceback is above)")
-    return result[0]
-
-
 def _expected_restart(record: logging.LogRecord) -> bool:
     return "Batch processor was not initialized" not in record.getMessage()
 
@@ -203,9 +189,11 @@ def _expected_restart(record: logging.LogRecord) -> bool:
 async def baseline(engine: BatchingEngine, work: Callable[..., T], *args: Any) -> T:
     """A baseline run as the seed ran it: on a CPU, nothing else holds OpenMP threads meanwhile.
 
-    The engine's generation thread is stopped for it (its OpenMP team ends with it) and started
-    again after, so each side runs alone, as in its own process. On a GPU the engine stays up:
-    its CUDA graphs would be captured again, and OpenMP does not matter there.
+    The baseline runs on a thread that ends with it, and the engine's generation thread is
+    stopped meanwhile and started again after (each ends with its OpenMP team:
+    bot/ops/threads.py says why that matters), so each side runs alone, as in its own process.
+    On a GPU the engine stays up: its CUDA graphs would be captured again, and OpenMP does not
+    matter there.
     """
     manager = engine.manager
     on_cpu = not engine.loaded.device.startswith("cuda")
@@ -215,7 +203,7 @@ async def baseline(engine: BatchingEngine, work: Callable[..., T], *args: Any) -
     if on_cpu:
         await asyncio.to_thread(manager.stop, block=True, timeout=30)
     try:
-        return on_own_thread(work, *args)
+        return await on_own_thread(work, *args)
     finally:
         if on_cpu:
             manager.start()
@@ -334,7 +322,7 @@ def spread(values: list[float]) -> str:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = on_own_thread(build_model, args.size, device, dtype)
+    model = await on_own_thread(build_model, args.size, device, dtype)
     tokenizer = word_tokenizer(int(model.config.vocab_size))
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
     params = sum(p.numel() for p in model.parameters())
@@ -344,9 +332,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     from transformers import pipeline
 
-    pipe: Any = on_own_thread(lambda: pipeline("text-generation", model=model, tokenizer=tokenizer))
-    on_own_thread(pipeline_run, pipe, 1, 8, 2, 0)  # warm both baselines up too
-    on_own_thread(static_run, model, tokenizer, 2, 8, 2, 0)
+    pipe: Any = await on_own_thread(pipeline, "text-generation", model=model, tokenizer=tokenizer)
+    await on_own_thread(pipeline_run, pipe, 1, 8, 2, 0)  # warm both baselines up too
+    await on_own_thread(static_run, model, tokenizer, 2, 8, 2, 0)
 
     # The queue as a deployment sets it (LLM_MAX_QUEUE, default 64): on a CPU it sizes the cache.
     queue = max(64, *args.concurrency)
@@ -372,7 +360,7 @@ async def measure(
     report: dict[str, Any] = {"device": args.device, "size": args.size, "params": params}
 
     # Single stream: ms/token and the memory-bandwidth roofline (every weight read per token).
-    bandwidth = on_own_thread(memory_bandwidth, args.device)
+    bandwidth = await on_own_thread(memory_bandwidth, args.device)
     weight_bytes = params * next(model.parameters()).element_size()
     ms = [(await single_stream(engine, 16, args.new_tokens, next(fresh)))[0] for _ in range(3)]
     per_token = statistics.median(ms)
@@ -389,7 +377,7 @@ async def measure(
     )
     if args.static_reference:
         compiled = args.device.startswith("cuda")
-        reference_ms = on_own_thread(
+        reference_ms = await on_own_thread(
             static_cache_single_stream, model, tokenizer, 16, args.new_tokens, next(fresh), compiled
         )
         report["static_cache_generate_tokens_per_s"] = 1000 / reference_ms

@@ -33,7 +33,7 @@ async def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
 
-    model = engine_bench.on_own_thread(engine_bench.build_model, args.size, "cpu", torch.float32)
+    model = await on_own_thread(engine_bench.build_model, args.size, "cpu", torch.float32)
     tokenizer = engine_bench.word_tokenizer(int(model.config.vocab_size))
     engine = engine_bench.in_memory_engine(model, tokenizer, "cpu")
     embedder = Embedder(minilm_path())
