@@ -18,7 +18,9 @@ ways:
   very different lengths take the per-request path. When every request has as many keys (one
   request decoding alone, most of all), the packed read is one row per request already: no
   re-read, no mask (one question of ~150 tokens: the step's prelude 155 -> 15 us, each
-  layer's attention 86 -> 71 us).
+  layer's attention 86 -> 71 us). One request decoding alone goes further: it keeps its keys
+  and values in place between steps and transformers only writes the new token
+  (bot/llm/lone_decode.py).
 - Any other step (prompts, chunks of prompts, decoding beside them) is cut at the cumulative
   lengths transformers passes along (`cu_seq_lens_q`, `cu_seq_lens_k`), and each request runs
   SDPA on its own slice.
@@ -38,7 +40,10 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from bot.llm.lone_decode import LoneDecode
+
 _MARK = "_supportbot_per_request_attention"
+_LONE = "_supportbot_lone_decode"  # the model's LoneDecode
 _STEP = "supportbot_step"  # the keyword argument `_prepare_step` adds for the attention calls
 # Padded decoding only while the padded block holds at most this many times the real keys.
 MAX_PADDING = 1.5
@@ -53,6 +58,7 @@ class Step:
     bounds_k: list[int]  # cumulative key lengths
     in_rows: bool = False  # every request decodes; keys read as one row per request
     padded_mask: torch.Tensor | None = None  # [requests, 1, 1, longest]; when rows are padded
+    lone: LoneDecode | None = None  # one request decoding alone, from its kept keys
 
 
 def _padded_read(
@@ -83,7 +89,18 @@ def _prepare_step(module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, 
     lengths = [bounds_k[i + 1] - bounds_k[i] for i in range(requests)]
     decoding = requests > 0 and bounds_q[-1] == requests and min(lengths) > 0
     read = kwargs["read_index"][0]
+    lone: LoneDecode | None = getattr(module, _LONE, None)
     if decoding and read.numel() == bounds_k[-1] and min(lengths) == max(lengths):
+        if (
+            requests == 1
+            and lone is not None
+            and kwargs.get("cache") is not None
+            and lone.begin(kwargs["cache"], read, kwargs["write_index"][0])
+        ):
+            if lone.appending:
+                kwargs["read_index"] = [read[:0]]  # transformers writes the new token, reads none
+            kwargs[_STEP] = Step(bounds_q, bounds_k, in_rows=True, lone=lone)
+            return args, kwargs
         kwargs[_STEP] = Step(bounds_q, bounds_k, in_rows=True)
     elif (
         decoding
@@ -95,7 +112,14 @@ def _prepare_step(module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, 
         kwargs[_STEP] = Step(bounds_q, bounds_k, in_rows=True, padded_mask=mask.to(read.device))
     else:
         kwargs[_STEP] = Step(bounds_q, bounds_k)
+    if lone is not None:
+        lone.forget()  # not a lone step: what it kept no longer mirrors the cache
     return args, kwargs
+
+
+def _end_of_call(module: Any, args: Any, output: Any) -> None:
+    """Forward hook: the model call returned (a lone step's keys are whole at every layer)."""
+    getattr(module, _LONE).end_of_call()
 
 
 def per_request_attention(
@@ -112,6 +136,8 @@ def per_request_attention(
     if step is None:  # a cache layout the pre-hook leaves alone, or a call without it
         step = Step(kwargs["cu_seq_lens_q"].tolist(), kwargs["cu_seq_lens_k"].tolist())
     gqa = query.shape[1] != key.shape[1]
+    if step.lone is not None:
+        return step.lone.attend(module, query, key, value, scaling, gqa), None
     if step.in_rows:
         return _decode_in_rows(query, key, value, step.padded_mask, scaling, gqa), None
     bounds_q, bounds_k = step.bounds_q, step.bounds_k
@@ -176,4 +202,6 @@ def use_per_request_attention(model: Any) -> None:
         return  # marked and hooked already
     for module in model.modules():
         setattr(module, _MARK, True)
+    setattr(model, _LONE, LoneDecode())
     model.register_forward_pre_hook(_prepare_step, with_kwargs=True)
+    model.register_forward_hook(_end_of_call)

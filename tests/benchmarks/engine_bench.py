@@ -315,6 +315,11 @@ def memory_bandwidth(device: str) -> float:
     return 2 * x.numel() * x.element_size() / best
 
 
+def ints(text: str) -> list[int]:
+    """A command-line list: "1,4,16" -> [1, 4, 16]."""
+    return [int(x) for x in text.split(",")]
+
+
 def spread(values: list[float]) -> str:
     return f"{min(values):.0f}/{statistics.median(values):.0f}/{max(values):.0f}"
 
@@ -446,7 +451,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["tiny", "proxy", "full"], default="proxy")
     parser.add_argument("--device", default="cpu")
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     parser.add_argument("--concurrency", default="1,4,16,32", type=ints)
     parser.add_argument("--words", default="16,250", type=ints, help="prompt lengths (words)")
     parser.add_argument("--new-tokens", type=int, default=32)

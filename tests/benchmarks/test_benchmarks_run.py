@@ -12,10 +12,17 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.benchmarks import engine_bench, memory_bench, overhead_bench, threads_bench
+from tests.benchmarks import (
+    engine_bench,
+    lone_bench,
+    memory_bench,
+    overhead_bench,
+    threads_bench,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +106,23 @@ def test_threads_bench_reports_each_side(capsys):
     assert len(figures) == 3 and all(len(ms) == 3 for ms in figures.values())
     for label in ("fresh engine", "threads of their own (the bot)", "asyncio.to_thread (before)"):
         assert re.search(rf"{re.escape(label)}: ms/token min/median/max [\d./]+; threads", out)
+
+
+def test_lone_bench_times_each_side_and_its_paged_side_keeps_no_keys(capsys):
+    from bot.llm.lone_decode import LoneDecode
+
+    real = LoneDecode.begin
+    rows = asyncio.run(
+        lone_bench.main(["--size", "tiny", "--words", "16", "--new-tokens", "6", "--repeat", "3"])
+    )
+    out = capsys.readouterr().out
+    assert list(rows) == ["16w"] and all(len(v) == 3 for v in rows["16w"].values())
+    assert re.search(
+        r"~\s*\d+-token prompt: kept keys [\d./]+, paged read [\d./]+, pipeline [\d./]+; "
+        r"kept/paged [\d.]+x, kept/pipeline [\d.]+x, paged/pipeline [\d.]+x",
+        out,
+    ), out
+    assert LoneDecode.begin is real  # the paged side put the engine back as it was
+    with lone_bench.paged_read_only():
+        begin: Any = LoneDecode().begin
+        assert not begin(None, None, None)  # declines before reading anything

@@ -153,6 +153,80 @@ async def test_questions_of_different_lengths_decoded_in_one_padded_call_equal_g
     assert max(padded_steps) == len(prompts)  # all four decoded together, in one call per layer
 
 
+def lone_steps(monkeypatch) -> list[str]:
+    """Records each step in which one request decoded alone from its kept keys
+    (bot.llm.lone_decode): "copy" when the keys were copied from the cache's read, "append" when
+    transformers only wrote the new token."""
+    from bot.llm.lone_decode import LoneDecode
+
+    steps: list[str] = []
+    real = LoneDecode.begin
+
+    def recorded(self, *args):
+        used = real(self, *args)
+        if used:
+            steps.append("append" if self.appending else "copy")
+        return used
+
+    monkeypatch.setattr(LoneDecode, "begin", recorded)
+    return steps
+
+
+async def test_one_question_alone_decodes_from_kept_keys_and_equals_greedy_decoding(
+    tiny_exaone_dir, monkeypatch
+):
+    """A question decoding alone copies its keys from the paged cache once, then appends each
+    new token; its buffers outgrow their first room (256 tokens) on the way."""
+    steps = lone_steps(monkeypatch)
+    tokens, expected = reference_greedy(tiny_exaone_dir, MESSAGES, 300)
+    assert len(tokens) == 300  # long enough to grow the buffers
+    engine = batching(tiny_exaone_dir)
+    await engine.start()
+    steps.clear()  # the warm-up's
+    try:
+        text, done = await collect(engine, SamplingSettings(do_sample=False, max_new_tokens=300))
+    finally:
+        await engine.aclose()
+    assert text == expected
+    # The prompt's step makes the first token; the first decoding step copies, the rest append.
+    assert steps == ["copy"] + ["append"] * (done.completion_tokens - 2)
+
+
+async def test_a_question_joined_and_left_again_copies_its_keys_afresh_and_equals_greedy(
+    tiny_exaone_dir, monkeypatch
+):
+    """A lone question is joined by another (its kept keys dropped: steps with two requests read
+    the paged cache), then decodes alone again once the other is answered: both answers still
+    equal `generate`'s."""
+    steps = lone_steps(monkeypatch)
+    other: list[ChatMessage] = [MESSAGES[0], {"role": "user", "content": "Where is my order?"}]
+    _, expected_long = reference_greedy(tiny_exaone_dir, MESSAGES, 120)
+    _, expected_short = reference_greedy(tiny_exaone_dir, other, 10)
+    engine = batching(tiny_exaone_dir)
+    await engine.start()
+    steps.clear()  # the warm-up's
+    try:
+        stream = engine.stream(
+            await encoded(engine), SamplingSettings(do_sample=False, max_new_tokens=120)
+        )
+        parts: list[str] = []
+        async for event in stream:
+            if isinstance(event, Delta):
+                parts.append(event.text)
+            if len(parts) == 20:
+                break
+        brief = SamplingSettings(do_sample=False, max_new_tokens=10)
+        short, _ = await collect(engine, brief, other)
+        async for event in stream:
+            if isinstance(event, Delta):
+                parts.append(event.text)
+    finally:
+        await engine.aclose()
+    assert short == expected_short
+    assert "".join(parts) == expected_long
+    assert steps.count("copy") >= 2 and steps[-1] == "append"
+
+
 async def test_as_many_questions_as_the_engine_admits_fit_its_cache_on_a_cpu(
     tiny_exaone_dir, monkeypatch
 ):
