@@ -3,12 +3,13 @@
 transformers' paged cache gathers all of a request's keys and values at every layer of every step
 (`index_select` over the request's cache positions), where `generate` appends to tensors it
 keeps. For one question decoding alone, a support bot's usual load, that gather kept the engine
-behind the seed's pipeline: a layer's cache update and attention at ~500 keys took 158 us
-against `generate`'s 71 (the proxy model's shapes; ~330 against ~140 at 1,000). Here the first
-step of such a stretch copies the keys the cache read into buffers with room to grow; each later
-step has transformers only write the new token to its cache (an empty read index takes its
-write-only path) and appends the token here, and attention reads the buffers in place (58 us at
-~500 keys, 95 at 1,000).
+behind the seed's pipeline with long prompts: a layer's share of a step at ~500 keys took 145 us
+against `generate`'s 66 (the proxy model's head shapes; 327 against 139 at 1,000). Here the
+first step of such a stretch copies the keys the cache read into buffers with room to grow; each
+later step has transformers only write the new token to its cache (an empty read index takes its
+write-only path) and appends the token here, and attention reads the buffers in place (55 us at
+~500 keys, 98 at 1,000). Whole answers: 1.01-1.04x the paged read, 1.03-1.06x the seed's
+pipeline (tests/benchmarks/lone_bench.py).
 
 The buffers are trusted only while they mirror the cache: the same request (its block list in
 transformers' cache, the same object), the model's previous call was this request's step and it
@@ -25,7 +26,9 @@ from typing import Any
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
-_MIN_ROOM = 256  # tokens; the buffers double when a request outgrows them
+# Tokens of room past the keys a lone request has: outgrown, its buffers are copied into ones
+# with as much room again (a copy every 256 tokens; the room costs no more than 256 tokens).
+_HEADROOM = 256
 
 
 def _owner(cache: Any, write_position: int) -> tuple[dict[str, list[int]], str] | None:
@@ -117,18 +120,16 @@ class LoneDecode:
         return out.transpose(1, 2)
 
     @staticmethod
-    def _fresh(states: torch.Tensor, length: int, room: int = 0) -> torch.Tensor:
+    def _fresh(states: torch.Tensor, length: int) -> torch.Tensor:
+        """A buffer holding `states` (its first `length` keys) with room for `_HEADROOM` more."""
         kv_heads, head_dim = states.shape[1], states.shape[3]
-        room = max(room, 2 * length, _MIN_ROOM)
-        buffer = states.new_empty((1, kv_heads, room, head_dim))
-        buffer[:, :, : states.shape[2]] = states
+        buffer = states.new_empty((1, kv_heads, length + _HEADROOM, head_dim))
+        buffer[:, :, :length] = states[:, :, :length]
         return buffer
 
     def _room(self, module: Any, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._keys[module], self._values[module]
         if keys.shape[2] < length:
-            held = length - 1
-            keys = self._fresh(keys[:, :, :held], held, 2 * keys.shape[2])
-            values = self._fresh(values[:, :, :held], held, 2 * values.shape[2])
+            keys, values = self._fresh(keys, length - 1), self._fresh(values, length - 1)
             self._keys[module], self._values[module] = keys, values
         return keys, values

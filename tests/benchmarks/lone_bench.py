@@ -3,9 +3,18 @@
 (as transformers does, and the engine did before), and the seed's pipeline.
 
 Prints figures; asserts nothing about speed. The three sides run in the same process on the same
-model (engine_bench's proxy), interleaved (the side that runs first rotates), --repeat times each,
-with a fresh prompt every time; tokens/s per answer (prompt included) min/median/max, and the
-ratios of the medians.
+model (engine_bench's proxy), --repeat times each, with a fresh prompt every time; tokens/s per
+answer (prompt included) min/median/max, and the ratios of the medians. Each repetition runs the
+pipeline first (on a thread of its own, the engine's thread stopped meanwhile, as engine_bench
+does), then one untimed answer of the same size on the engine (the first answer of a restarted
+generation thread was at times ~20 % slower, on either engine side), then the two engine sides
+back to back, twice, in the order A B B A (so 2 x --repeat answers each).
+
+First it times one layer's share of a decoding step at 150, 500 and 1,000 keys, with the model's
+head shapes: the paged read (transformers writes the token and gathers every key from a cache
+laid out in pages, then attention), kept keys (transformers writes the token, `LoneDecode.attend`
+appends it and attends) and `generate`'s growing cache (`torch.cat`, then attention); the
+fastest of 3 rounds of 300 calls each, interleaved.
 
     python -m tests.benchmarks.lone_bench --size proxy --words 16,250,500,1000 --new-tokens 128
 """
@@ -16,8 +25,9 @@ import argparse
 import asyncio
 import os
 import statistics
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -51,6 +61,57 @@ def paged_read_only() -> Iterator[None]:
         setattr(LoneDecode, "begin", real)  # noqa: B010
 
 
+def one_layer(config: Any, keys: int, calls: int = 300, rounds: int = 3) -> dict[str, float]:
+    """Microseconds per call of one layer's cache update and attention, each way (see above)."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim, page = config.hidden_size // heads, 256
+    stride = 2 * config.num_hidden_layers * page  # a page of each layer's keys, then values
+    cache = torch.randn(stride * (keys // page + 1), kv_heads, head_dim)
+    values_view = cache[page:]
+    read = torch.tensor([i // page * stride + i % page for i in range(keys)])
+    write = read[-1:]
+    new = torch.randn(1, kv_heads, head_dim)
+    query = torch.randn(1, heads, 1, head_dim)
+
+    def paged() -> Any:
+        cache.index_copy_(0, write, new)
+        values_view.index_copy_(0, write, new)
+        k = cache.index_select(0, read).transpose(0, 1).unsqueeze(0)
+        v = values_view.index_select(0, read).transpose(0, 1).unsqueeze(0)
+        return sdpa(query, k, v, enable_gqa=True)
+
+    lone, layer = LoneDecode(), object()
+    full = cache.index_select(0, read).transpose(0, 1).unsqueeze(0)
+    lone.length, lone.appending = keys, False
+    lone.attend(layer, query, full, full, None, True)  # the copy step
+    lone.appending = True
+    step = new.transpose(0, 1).unsqueeze(0)
+
+    def kept() -> Any:
+        cache.index_copy_(0, write, new)
+        values_view.index_copy_(0, write, new)
+        return lone.attend(layer, query, step, step, None, True)
+
+    past_k, past_v = full[:, :, :-1].contiguous(), full[:, :, :-1].contiguous()
+
+    def generate() -> Any:
+        k, v = torch.cat([past_k, step], dim=2), torch.cat([past_v, step], dim=2)
+        return sdpa(query, k, v, enable_gqa=True)
+
+    ways = {"paged read": paged, "kept keys": kept, "generate": generate}
+    best = dict.fromkeys(ways, float("inf"))
+    for _ in range(rounds):
+        for name, way in ways.items():
+            way()  # warm
+            began = time.perf_counter()
+            for _ in range(calls):
+                way()
+            best[name] = min(best[name], (time.perf_counter() - began) / calls * 1e6)
+    return best
+
+
 async def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["tiny", "proxy"], default="proxy")
@@ -68,27 +129,29 @@ async def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]
     engine = engine_bench.in_memory_engine(model, tokenizer, "cpu")
     fresh = iter(range(1000, 10**9, 997))
     rows: dict[str, dict[str, list[float]]] = {}
+    for keys in (150, 500, 1000):
+        us = await on_own_thread(one_layer, model.config, keys)
+        print(
+            f"one layer, {keys:4d} keys: "
+            + ", ".join(f"{way} {value:.0f} us" for way, value in us.items()),
+            flush=True,
+        )
     await engine.start()
     try:
         print(f"CPU, {torch.get_num_threads()} torch threads; model {args.size}; one question, "
               f"{args.new_tokens} new tokens; tokens/s min/median/max", flush=True)  # fmt: skip
         for words in args.words:
             rates: dict[str, list[float]] = {side: [] for side in SIDES}
-            for rep in range(args.repeat):
-                for side in SIDES[rep % 3 :] + SIDES[: rep % 3]:
-                    base = next(fresh)
-                    if side == "pipeline":
-                        run = await engine_bench.baseline(
-                            engine, engine_bench.pipeline_run, pipe, 1, words, args.new_tokens, base
-                        )
-                    elif side == "paged read":
-                        with paged_read_only():
-                            run = await engine_bench.warmed_engine_run(
-                                engine, 1, words, args.new_tokens, base
-                            )
-                    else:
-                        run = await engine_bench.warmed_engine_run(
-                            engine, 1, words, args.new_tokens, base
+            for _ in range(args.repeat):
+                run = await engine_bench.baseline(
+                    engine, engine_bench.pipeline_run, pipe, 1, words, args.new_tokens, next(fresh)
+                )
+                rates["pipeline"].append(run.tokens_per_s)
+                await engine_bench.engine_run(engine, 1, words, args.new_tokens, next(fresh))
+                for side in [*SIDES[:2], *SIDES[1::-1]]:  # kept, paged, paged, kept
+                    with paged_read_only() if side == "paged read" else nullcontext():
+                        run = await engine_bench.engine_run(
+                            engine, 1, words, args.new_tokens, next(fresh)
                         )
                     rates[side].append(run.tokens_per_s)
             med = {side: statistics.median(v) for side, v in rates.items()}

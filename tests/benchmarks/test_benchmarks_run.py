@@ -116,12 +116,21 @@ def test_lone_bench_times_each_side_and_its_paged_side_keeps_no_keys(capsys):
         lone_bench.main(["--size", "tiny", "--words", "16", "--new-tokens", "6", "--repeat", "3"])
     )
     out = capsys.readouterr().out
-    assert list(rows) == ["16w"] and all(len(v) == 3 for v in rows["16w"].values())
+    assert list(rows) == ["16w"]
+    assert {side: len(v) for side, v in rows["16w"].items()} == {
+        "kept keys": 6,
+        "paged read": 6,
+        "pipeline": 3,
+    }
     assert re.search(
         r"~\s*\d+-token prompt: kept keys [\d./]+, paged read [\d./]+, pipeline [\d./]+; "
         r"kept/paged [\d.]+x, kept/pipeline [\d.]+x, paged/pipeline [\d.]+x",
         out,
     ), out
+    for keys in (150, 500, 1000):
+        assert re.search(
+            rf"one layer, \s*{keys} keys: paged read \d+ us, kept keys \d+ us, generate \d+ us", out
+        ), out
     assert LoneDecode.begin is real  # the paged side put the engine back as it was
     with lone_bench.paged_read_only():
         begin: Any = LoneDecode().begin

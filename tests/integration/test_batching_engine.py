@@ -176,7 +176,7 @@ async def test_one_question_alone_decodes_from_kept_keys_and_equals_greedy_decod
     tiny_exaone_dir, monkeypatch
 ):
     """A question decoding alone copies its keys from the paged cache once, then appends each
-    new token; its buffers outgrow their first room (256 tokens) on the way."""
+    new token; its buffers outgrow their first room (256 tokens past the prompt) on the way."""
     steps = lone_steps(monkeypatch)
     tokens, expected = reference_greedy(tiny_exaone_dir, MESSAGES, 300)
     assert len(tokens) == 300  # long enough to grow the buffers

@@ -43,7 +43,7 @@ def test_attention_over_kept_keys_equals_attention_over_the_full_read_as_they_gr
     cache = cache_with(a=blocks)
     keys, values = torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)  # the prompt's
     lone = LoneDecode()
-    for _ in range(300):  # past the first room of 256 tokens, then past the doubled one
+    for _ in range(600):  # past the first room (256 tokens past the prompt), twice
         keys = torch.cat([keys, torch.randn(1, 2, 1, 16)], dim=2)
         values = torch.cat([values, torch.randn(1, 2, 1, 16)], dim=2)
         length = keys.shape[2]
