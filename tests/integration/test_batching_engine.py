@@ -153,19 +153,19 @@ async def test_questions_of_different_lengths_decoded_in_one_padded_call_equal_g
     assert max(padded_steps) == len(prompts)  # all four decoded together, in one call per layer
 
 
-def lone_steps(monkeypatch) -> list[str]:
+def lone_steps(monkeypatch) -> list[tuple[str, str]]:
     """Records each step in which one request decoded alone from its kept keys
-    (bot.llm.lone_decode): "copy" when the keys were copied from the cache's read, "append" when
-    transformers only wrote the new token."""
+    (bot.llm.lone_decode): the request, and "copy" when its keys were copied from the cache's
+    read, "append" when transformers only wrote the new token."""
     from bot.llm.lone_decode import LoneDecode
 
-    steps: list[str] = []
+    steps: list[tuple[str, str]] = []
     real = LoneDecode.begin
 
     def recorded(self, *args):
         used = real(self, *args)
         if used:
-            steps.append("append" if self.appending else "copy")
+            steps.append((self._request, "append" if self.appending else "copy"))
         return used
 
     monkeypatch.setattr(LoneDecode, "begin", recorded)
@@ -189,7 +189,9 @@ async def test_one_question_alone_decodes_from_kept_keys_and_equals_greedy_decod
         await engine.aclose()
     assert text == expected
     # The prompt's step makes the first token; the first decoding step copies, the rest append.
-    assert steps == ["copy"] + ["append"] * (done.completion_tokens - 2)
+    kinds = [kind for _, kind in steps]
+    assert kinds == ["copy"] + ["append"] * (done.completion_tokens - 2)
+    assert len({request for request, _ in steps}) == 1
 
 
 async def test_a_question_joined_and_left_again_copies_its_keys_afresh_and_equals_greedy(
@@ -200,14 +202,14 @@ async def test_a_question_joined_and_left_again_copies_its_keys_afresh_and_equal
     equal `generate`'s."""
     steps = lone_steps(monkeypatch)
     other: list[ChatMessage] = [MESSAGES[0], {"role": "user", "content": "Where is my order?"}]
-    _, expected_long = reference_greedy(tiny_exaone_dir, MESSAGES, 120)
+    _, expected_long = reference_greedy(tiny_exaone_dir, MESSAGES, 300)
     _, expected_short = reference_greedy(tiny_exaone_dir, other, 10)
     engine = batching(tiny_exaone_dir)
     await engine.start()
     steps.clear()  # the warm-up's
     try:
         stream = engine.stream(
-            await encoded(engine), SamplingSettings(do_sample=False, max_new_tokens=120)
+            await encoded(engine), SamplingSettings(do_sample=False, max_new_tokens=300)
         )
         parts: list[str] = []
         async for event in stream:
@@ -224,7 +226,9 @@ async def test_a_question_joined_and_left_again_copies_its_keys_afresh_and_equal
         await engine.aclose()
     assert short == expected_short
     assert "".join(parts) == expected_long
-    assert steps.count("copy") >= 2 and steps[-1] == "append"
+    first = steps[0][0]  # the long question: alone, joined, then alone again
+    assert [kind for request, kind in steps if request == first].count("copy") == 2
+    assert steps[-1] == (first, "append")
 
 
 async def test_as_many_questions_as_the_engine_admits_fit_its_cache_on_a_cpu(
