@@ -133,7 +133,9 @@ def own_objects() -> collections.Counter[str]:
         kind = type(obj)
         module = kind.__dict__.get("__module__")
         ours = isinstance(module, str) and module.startswith("bot.")
-        if ours or (isinstance(obj, asyncio.Future) and obj.get_loop() is loop):
+        # type(obj), not isinstance(obj, ...): that reads obj.__class__, and some of torch's
+        # objects warn when anything reads their attributes.
+        if ours or (issubclass(kind, asyncio.Future) and obj.get_loop() is loop):
             counts[f"{kind.__module__}.{kind.__qualname__}"] += 1
     return counts
 
